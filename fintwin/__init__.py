@@ -1,0 +1,3 @@
+"""fintwin: customer digital twins."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""LightningDataModule: events -> validated table -> sequences -> padded batches.
+
+Validation and test customers are held out at random (seeded), with their calibration-period
+events, so next-event metrics are measured on customers the model never saw. The holdout
+period after the cut-off is reserved for forecast evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from fintwin.data.features import Vocab, customer_groups, fit_scaling
+from fintwin.data.schema import EventSchema
+from fintwin.data.sequences import SequenceSet, build_sequences, calibration_events
+from fintwin.data.sources import load_events
+from fintwin.errors import FintwinInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitFractions:
+    """Shares of calibration customers held out for validation and test."""
+
+    val: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
+            raise FintwinInputError(
+                f"data.split: val={self.val}, test={self.test}; expected fractions in [0, 1) "
+                "with val + test < 1")
+
+
+def split_customers(n: int, fractions: SplitFractions, seed: int) -> dict[str, np.ndarray]:
+    """Random, seeded partition of customer indices into train / val / test."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = int(round(n * fractions.val)), int(round(n * fractions.test))
+    return {
+        "val": np.sort(order[:n_val]),
+        "test": np.sort(order[n_val:n_val + n_test]),
+        "train": np.sort(order[n_val + n_test:]),
+    }
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of customers of similar length (less padding), in shuffled order.
+
+    Customers are shuffled, cut into chunks of ``bucket_batches`` batches, sorted by length
+    inside each chunk, batched, and the batches shuffled. With several processes each rank
+    takes every ``num_replicas``-th batch.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, bucket_batches: int = 50,
+                 num_replicas: int = 1, rank: int = 0):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.bucket_batches, self.num_replicas, self.rank = bucket_batches, num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle differently each epoch (called by the DataModule)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.lengths))
+        chunk = self.batch_size * self.bucket_batches
+        batches = []
+        for lo in range(0, len(order), chunk):
+            part = order[lo:lo + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches.extend(np.array_split(part, max(1, -(-len(part) // self.batch_size))))
+        rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
+        return batches[self.rank:usable:self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class CustomerIndex(torch.utils.data.Dataset):
+    """Dataset of customer indices; batches are gathered in one go by the collate function."""
+
+    def __init__(self, index: np.ndarray):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.index[i])
+
+
+class EventDataModule(pl.LightningDataModule):
+    """Padded batches of customer sequences with a seeded customer-level train/val/test split."""
+
+    def __init__(
+        self,
+        source: str = "cdnow",
+        cutoff: str = "1997-09-30",
+        holdout_end: str | None = None,
+        horizon_days: float = 90.0,
+        max_len: int = 200,
+        same_day_merge: bool = False,
+        numeric_features: list[str] | None = None,
+        categorical_features: list[str] | None = None,
+        allow_negative_amount: bool = False,
+        drop_duplicates: bool = False,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        bucket_by_length: bool = True,
+        seed: int = 0,
+        simulator: object | None = None,
+        events: pd.DataFrame | None = None,
+    ):
+        super().__init__()
+        if horizon_days <= 0:
+            raise FintwinInputError(f"data.horizon_days={horizon_days}: expected a positive number of days")
+        if max_len < 1:
+            raise FintwinInputError(f"data.max_len={max_len}: expected a positive integer")
+        if batch_size < 1:
+            raise FintwinInputError(f"data.batch_size={batch_size}: expected a positive integer")
+        self.source, self.cutoff, self.holdout_end = source, str(cutoff), holdout_end
+        self.horizon_days, self.max_len = float(horizon_days), int(max_len)
+        self.same_day_merge, self.simulator, self._given_events = same_day_merge, simulator, events
+        self.schema = EventSchema(list(numeric_features or []), list(categorical_features or []),
+                                  allow_negative_amount, drop_duplicates)
+        self.fractions = SplitFractions(val_fraction, test_fraction)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.bucket_by_length, self.seed = bucket_by_length, seed
+        self.events: pd.DataFrame | None = None
+        self.sequences: SequenceSet | None = None
+        self.vocab: Vocab | None = None
+        self.scaling: dict | None = None
+        self.splits: dict[str, np.ndarray] = {}
+
+    def load(self) -> pd.DataFrame:
+        """The validated event table (all periods)."""
+        if self._given_events is not None:
+            from fintwin.data.schema import validate_events
+            from fintwin.data.sources import merge_same_day
+
+            events, _ = validate_events(self._given_events, self.schema, source="events")
+            return merge_same_day(events, self.schema.numeric_features) if self.same_day_merge else events
+        events, _ = load_events(self.source, self.schema, same_day_merge=self.same_day_merge,
+                                simulator_config=self.simulator)
+        return events
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split customers, fit vocab and scaling on training customers' calibration events."""
+        if self.sequences is not None:
+            return
+        self.events = self.load()
+        calib = calibration_events(self.events, self.cutoff)
+        if calib.empty:
+            raise FintwinInputError(
+                f"{self.source}: no events on or before data.cutoff={self.cutoff} "
+                f"(data spans {self.events['timestamp'].min()} to {self.events['timestamp'].max()})")
+        _, counts = customer_groups(calib["customer_id"].to_numpy())
+        self.splits = split_customers(len(counts), self.fractions, self.seed)
+        is_train = np.zeros(len(counts), dtype=bool)
+        is_train[self.splits["train"]] = True
+        self.vocab = Vocab.fit(calib["event_type"].to_numpy()[np.repeat(is_train, counts)])
+        self.sequences = build_sequences(
+            self.events, self.vocab, cutoff=self.cutoff, horizon_days=self.horizon_days,
+            max_len=self.max_len, numeric_features=self.schema.numeric_features)
+        train_events = np.repeat(is_train, self.sequences.lengths)
+        self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
+        log.info("%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
+                 self.source, len(counts), len(self.splits["train"]), len(self.splits["val"]),
+                 len(self.splits["test"]), self.sequences.n_events, self.vocab.size)
+
+    @property
+    def n_numeric(self) -> int:
+        """Number of numeric extra features per event."""
+        return len(self.schema.numeric_features)
+
+    def collate(self, index: list[int]) -> dict[str, torch.Tensor]:
+        """Gather a padded batch for the given customer indices."""
+        return self.sequences.batch(np.asarray(index))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        """Bucketed batches for training; plain order otherwise; rank-aware under DDP.
+
+        The samplers shard by rank themselves, so DDP runs set
+        ``trainer.use_distributed_sampler=false``.
+        """
+        index = self.splits[split]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        common = dict(collate_fn=self.collate, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0)
+        if train and self.bucket_by_length:
+            sampler = BucketBatchSampler(self.sequences.lengths[index], self.batch_size, self.seed,
+                                         num_replicas=world, rank=rank)
+            return DataLoader(CustomerIndex(index), batch_sampler=sampler, **common)
+        if world > 1:
+            shard = DistributedSampler(CustomerIndex(index), num_replicas=world, rank=rank,
+                                       shuffle=train, seed=self.seed)
+            return DataLoader(CustomerIndex(index), batch_size=self.batch_size, sampler=shard, **common)
+        return DataLoader(CustomerIndex(index), batch_size=self.batch_size, shuffle=train,
+                          generator=torch.Generator().manual_seed(self.seed), **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

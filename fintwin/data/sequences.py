@@ -1,0 +1,147 @@
+"""Vectorised per-customer sequences with targets, and the time-based split.
+
+An event table sorted by customer then time is held as flat per-event arrays plus
+per-customer offsets (CSR layout); padded batches are gathered with one fancy index. No
+Python loop runs over customers.
+
+The split is by time: ``cutoff`` is the last calibration day (inclusive), so observation of
+the calibration period ends at midnight after it. Inputs, targets and scaling statistics
+only ever see events before that instant; the holdout period is for forecast evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fintwin.data.features import NS_PER_DAY, Vocab, customer_groups, event_features
+
+TARGETS = ("next_type", "next_gap", "next_amount", "gap_censored", "churn_label", "churn_mask",
+           "horizon_count", "horizon_spend", "horizon_mask")
+
+
+def observation_end(cutoff: str | pd.Timestamp) -> pd.Timestamp:
+    """Instant at which the calibration period ending on day ``cutoff`` (inclusive) ends."""
+    return pd.Timestamp(cutoff).normalize() + pd.Timedelta(days=1)
+
+
+def calibration_events(events: pd.DataFrame, cutoff: str | pd.Timestamp) -> pd.DataFrame:
+    """Events strictly before the end of the calibration period."""
+    return events[events["timestamp"] < observation_end(cutoff)]
+
+
+def _next_event_targets(
+    times: np.ndarray, group: np.ndarray, features: dict[str, np.ndarray], end_days: float,
+    horizon_days: float,
+) -> dict[str, np.ndarray]:
+    """Per-event targets about what follows each event (flat arrays)."""
+    n = len(times)
+    is_last = np.ones(n, dtype=bool)
+    is_last[:-1] = group[1:] != group[:-1]
+    nxt = np.minimum(np.arange(n) + 1, n - 1)
+    elapsed = end_days - times
+    next_gap = np.where(is_last, elapsed, features["delta_t"][nxt]).astype(np.float32)
+    churn_label = (next_gap > horizon_days).astype(np.float32)
+    churn_mask = ~is_last | (elapsed >= horizon_days)
+
+    # events in (t_i, t_i + H] of the same customer: search in a key that separates customers
+    span = float(times.max() - times.min()) + horizon_days + 1.0 if n else 1.0
+    key = group * span + (times - times.min() if n else times)
+    upper = np.searchsorted(key, key + horizon_days, side="right")
+    count = upper - np.arange(n) - 1
+    spend_cum = np.concatenate([[0.0], np.cumsum(features["amount"], dtype=np.float64)])
+    spend = spend_cum[upper] - spend_cum[np.arange(n) + 1]
+    return {
+        "next_type": np.where(is_last, 0, features["event_type"][nxt]).astype(np.int64),
+        "next_gap": next_gap,
+        "next_amount": np.where(is_last, 0.0, features["amount"][nxt]).astype(np.float32),
+        "gap_censored": is_last,
+        "churn_label": churn_label,
+        "churn_mask": churn_mask,
+        "horizon_count": count.astype(np.float32),
+        "horizon_spend": spend.astype(np.float32),
+        "horizon_mask": times + horizon_days <= end_days,
+    }
+
+
+@dataclass
+class SequenceSet:
+    """Per-customer event sequences in CSR layout, with features and targets per event."""
+
+    customer_ids: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    features: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    last_event_time: np.ndarray
+    observation_end: pd.Timestamp
+
+    def __len__(self) -> int:
+        return len(self.customer_ids)
+
+    @property
+    def n_events(self) -> int:
+        """Number of events held (after truncation)."""
+        return int(self.lengths.sum())
+
+    def batch(self, index: np.ndarray, with_targets: bool = True) -> dict[str, torch.Tensor]:
+        """Right-padded batch for customers ``index`` (shapes in the model contract)."""
+        index = np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if len(index) else 0
+        positions = np.arange(width)
+        valid = positions[None, :] < lengths[:, None]
+        gather = np.where(valid, self.starts[index, None] + positions[None, :], 0)
+        arrays = dict(self.features, **self.targets) if with_targets else self.features
+        out = {}
+        for name, flat in arrays.items():
+            values = flat[gather]
+            mask = valid if values.ndim == 2 else valid[..., None]
+            out[name] = torch.from_numpy(np.where(mask, values, np.zeros((), dtype=flat.dtype)))
+        out["length"] = torch.from_numpy(lengths)
+        return out
+
+
+def build_sequences(
+    events: pd.DataFrame,
+    vocab: Vocab,
+    *,
+    cutoff: str | pd.Timestamp,
+    horizon_days: float,
+    max_len: int,
+    numeric_features: list[str] | None = None,
+) -> SequenceSet:
+    """Sequences of calibration events (before the end of day ``cutoff``) with targets.
+
+    ``events`` must be validated (sorted by customer then time). Each customer keeps its most
+    recent ``max_len`` events; targets are computed on the full calibration history first, so
+    truncation never changes a target. Customers with a single event are kept.
+    """
+    end = observation_end(cutoff)
+    events = calibration_events(events, cutoff)
+    numeric_features = list(numeric_features or [])
+    features = event_features(events, vocab, numeric_features)
+    starts, counts = customer_groups(events["customer_id"].to_numpy())
+    group = np.repeat(np.arange(len(starts)), counts)
+    origin = np.datetime64("1970-01-01", "ns")
+    times = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64) / NS_PER_DAY
+    end_days = (end.to_datetime64() - origin).astype(np.int64) / NS_PER_DAY
+    targets = _next_event_targets(times, group, features, end_days, horizon_days)
+
+    position_from_end = np.repeat(starts + counts, counts) - np.arange(len(group)) - 1
+    keep = position_from_end < max_len
+    kept_counts = np.minimum(counts, max_len)
+    kept_starts = np.concatenate([[0], np.cumsum(kept_counts)[:-1]]).astype(np.int64)
+    last_index = starts + counts - 1 if len(starts) else starts
+    return SequenceSet(
+        customer_ids=events["customer_id"].to_numpy()[starts].astype(str),
+        starts=kept_starts,
+        lengths=kept_counts,
+        features={k: v[keep] for k, v in features.items()},
+        targets={k: v[keep] for k, v in targets.items()},
+        last_event_time=events["timestamp"].to_numpy("datetime64[ns]")[last_index],
+        observation_end=end,
+    )

@@ -1,0 +1,107 @@
+import numpy as np
+import pandas as pd
+import torch
+
+from fintwin.data.datamodule import EventDataModule
+from fintwin.data.features import OOV_ID, Vocab
+from fintwin.data.schema import validate_events
+from fintwin.data.sequences import build_sequences
+
+CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
+
+
+def hand_table():
+    """Customer a: events on days 0, 10, 40 (+ one after the cut-off); b: a single event."""
+    t0 = pd.Timestamp("2024-05-01")
+    rows = [("a", t0, "card", 10.0), ("a", t0 + pd.Timedelta(days=10), "salary", 100.0),
+            ("a", t0 + pd.Timedelta(days=20, hours=12), "card", 5.0),
+            ("a", pd.Timestamp("2024-06-15"), "card", 7.0),
+            ("b", pd.Timestamp("2024-05-30"), "mystery", 3.0)]
+    df = pd.DataFrame(rows, columns=["customer_id", "timestamp", "event_type", "amount"])
+    return validate_events(df)[0]
+
+
+def test_targets_by_hand():
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=10)
+    b = seq.batch(np.array([0, 1]))
+    assert b["length"].tolist() == [3, 1]
+    assert b["event_type"].tolist() == [[2, 3, 2], [OOV_ID, 0, 0]]
+    assert torch.allclose(b["delta_t"][0], torch.tensor([0.0, 10.0, 10.5]))
+    # gap after the last calibration event is censored at 2024-06-01: 10.5 days for a, 2 for b
+    assert torch.allclose(b["next_gap"], torch.tensor([[10.0, 10.5, 10.5], [2.0, 0, 0]]))
+    assert b["gap_censored"].tolist() == [[False, False, True], [True, False, False]]
+    assert b["next_type"].tolist() == [[3, 2, 0], [0, 0, 0]]
+    # the post-cutoff event of 2024-06-15 is invisible: counts only see calibration events
+    assert b["horizon_count"][0].tolist() == [1.0, 1.0, 0.0]
+    assert b["horizon_spend"][0].tolist() == [100.0, 5.0, 0.0]
+    assert b["horizon_mask"].tolist() == [[True, True, False], [False, False, False]]
+    # churn within 15 days: gap 10 -> 0, gap 10.5 -> 0; censored 10.5 < 15 -> unknown
+    assert b["churn_label"][0, :2].tolist() == [0.0, 0.0]
+    assert b["churn_mask"].tolist() == [[True, True, False], [False, False, False]]
+
+
+def test_truncation_keeps_most_recent_and_padding_is_zero():
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=2)
+    b = seq.batch(np.array([1, 0]))
+    assert b["length"].tolist() == [1, 2]
+    assert b["amount"].tolist() == [[3.0, 0.0], [100.0, 5.0]]
+    assert b["delta_t"][1].tolist() == [10.0, 10.5]  # the real gap to the dropped first event
+    assert b["day_of_month"][0, 1] == 0 and not b["gap_censored"][0, 1]
+
+
+def test_single_event_customer_kept():
+    seq = build_sequences(hand_table(), Vocab(("card",)), cutoff=CUTOFF, horizon_days=1, max_len=5)
+    assert list(seq.customer_ids) == ["a", "b"] and seq.lengths.tolist() == [3, 1]
+
+
+def _datamodule(events):
+    dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=16,
+                         batch_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
+    dm.setup()
+    return dm
+
+
+def _all_batches(dm):
+    return {k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.features} | {
+        k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.targets}
+
+
+def test_no_leak_from_after_cutoff(events):
+    base = _datamodule(events)
+    after = events["timestamp"] >= pd.Timestamp("2024-06-01")
+    assert after.sum() > 10
+    moved = events.copy()
+    moved.loc[after, "timestamp"] += pd.Timedelta(days=3)
+    moved.loc[after, "amount"] *= 100
+    deleted = events[~after]
+    for variant in (moved, deleted):
+        other = _datamodule(variant)
+        assert other.scaling == base.scaling and other.vocab == base.vocab
+        for split in ("train", "val", "test"):
+            assert np.array_equal(other.splits[split], base.splits[split])
+        for name, tensor in _all_batches(base).items():
+            assert torch.equal(_all_batches(other)[name], tensor), name
+
+
+def test_split_is_disjoint_seeded_and_complete(events):
+    dm = _datamodule(events)
+    parts = [set(dm.splits[s].tolist()) for s in ("train", "val", "test")]
+    assert sum(map(len, parts)) == len(dm.sequences) and not (parts[0] & parts[1] | parts[1] & parts[2])
+    assert np.array_equal(_datamodule(events).splits["val"], dm.splits["val"])
+
+
+def test_bucketed_loader_covers_train_once_with_less_padding(events):
+    dm = _datamodule(events)
+    seen, padded, real = [], 0, 0
+    for batch in dm.train_dataloader():
+        seen.append(batch["length"])
+        padded += batch["event_type"].numel()
+        real += int(batch["length"].sum())
+    lengths = torch.cat(seen)
+    assert len(lengths) == len(dm.splits["train"])
+    assert sorted(lengths.tolist()) == sorted(dm.sequences.lengths[dm.splits["train"]].tolist())
+    dm.bucket_by_length = False
+    unbucketed = sum(b["event_type"].numel() for b in dm.train_dataloader())
+    assert padded <= unbucketed and real > 0
