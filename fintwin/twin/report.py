@@ -1,0 +1,209 @@
+"""Forecast report: metrics.json, PNG plots and a self-contained report.html.
+
+Files written to the output directory (each atomically: a temporary file, then os.replace):
+- `metrics.json`: {model name: {metric: value}}, NaN written as null;
+- `tracking.png`: cumulative weekly repeat transactions, actual vs each model;
+- `calibration.png`: mean actual vs mean predicted per decile of prediction (transactions, spend);
+- `spend_deciles.png`: predicted vs actual total spend per decile of predicted spend, per model;
+- `report.html`: split dates, a metrics table and the plots embedded as base64 data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fintwin.twin.evaluation import align_predictions, decile_table, split_days
+
+PLOT_FILES = ("tracking.png", "calibration.png", "spend_deciles.png")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            os.fchmod(handle.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_value(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def metrics_json(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Serialise {model: {metric: value}} as JSON, NaN as null."""
+    clean = {
+        model: {key: _json_value(value) for key, value in values.items()}
+        for model, values in metrics.items()
+    }
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def tracking_figure(tracking: pd.DataFrame, cutoff: pd.Timestamp) -> Figure:
+    """Cumulative repeat transactions per week: the `actual` column and each model column."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(tracking.index, tracking["actual"], color="black", linewidth=2, label="actual")
+    for name in tracking.columns.drop("actual"):
+        ax.plot(tracking.index, tracking[name], linestyle="--", label=name)
+    ax.axvline(cutoff, color="grey", linestyle=":", label="cutoff")
+    ax.set(xlabel="week ending", ylabel="cumulative repeat transactions")
+    ax.set_title("Cumulative repeat transactions")
+    ax.legend()
+    return fig
+
+
+def calibration_figure(predictions: Mapping[str, pd.DataFrame], actual: pd.DataFrame) -> Figure:
+    """Mean actual vs mean predicted per decile of prediction, transactions and spend."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, pred_col, actual_col, label in (
+        (axes[0], "pred_txn", "txn", "holdout transactions"),
+        (axes[1], "pred_spend", "spend", "holdout spend"),
+    ):
+        top = 0.0
+        for name, pred in predictions.items():
+            table = decile_table(pred[pred_col], actual[actual_col])
+            ax.plot(table["pred_mean"], table["actual_mean"], marker="o", label=name)
+            top = max(top, table["pred_mean"].max(), table["actual_mean"].max())
+        ax.plot([0, top], [0, top], color="grey", linestyle=":", label="perfect")
+        ax.set(xlabel=f"mean predicted {label}", ylabel=f"mean actual {label}")
+        ax.set_title(f"Calibration by decile: {label}")
+        ax.legend()
+    return fig
+
+
+def spend_decile_figure(predictions: Mapping[str, pd.DataFrame], actual: pd.DataFrame) -> Figure:
+    """Predicted vs actual total spend per decile of predicted spend, one panel per model."""
+    fig = Figure(figsize=(5 * len(predictions), 4), layout="constrained")
+    axes = fig.subplots(1, len(predictions), squeeze=False)[0]
+    for ax, (name, pred) in zip(axes, predictions.items(), strict=True):
+        table = decile_table(pred["pred_spend"], actual["spend"])
+        deciles = table.index.to_numpy()
+        ax.bar(deciles - 0.2, table["actual_sum"], width=0.4, label="actual")
+        ax.bar(deciles + 0.2, table["pred_sum"], width=0.4, label="predicted")
+        ax.set(xlabel="decile of predicted spend (1 = lowest)", ylabel="total holdout spend")
+        ax.set_xticks(deciles)
+        ax.set_title(name)
+        ax.legend()
+    return fig
+
+
+def _format(value: float | None) -> str:
+    value = _json_value(value)
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def metrics_table_html(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """An HTML table with one row per metric and one column per model."""
+    models = list(metrics)
+    keys = list(dict.fromkeys(key for values in metrics.values() for key in values))
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    rows = []
+    for key in keys:
+        cells = "".join(f"<td>{_format(metrics[m].get(key))}</td>" for m in models)
+        rows.append(f"<tr><th>{html.escape(key)}</th>{cells}</tr>")
+    return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fintwin forecast report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Forecast report</h1>
+<p>Calibration: transactions up to and including {cutoff}; holdout: {holdout_start} to
+{holdout_end} inclusive. Cohort: {n_customers} customers. Same-day events are merged into one
+transaction. Total errors are in percent; decile MAPE is a fraction.</p>
+<h2>Metrics</h2>
+{table}
+<h2>Plots</h2>
+{images}
+</body></html>
+"""
+
+
+def report_html(
+    metrics: Mapping[str, Mapping[str, float]],
+    images: Mapping[str, bytes],
+    cutoff: pd.Timestamp,
+    holdout_end: pd.Timestamp,
+    n_customers: int,
+) -> str:
+    """The report page; `images` maps a file name to PNG bytes, embedded as data URIs."""
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></figure>'
+        for name, png in images.items()
+    )
+    return _PAGE.format(
+        cutoff=cutoff.date(),
+        holdout_start=(cutoff + pd.Timedelta(days=1)).date(),
+        holdout_end=holdout_end.date(),
+        n_customers=n_customers,
+        table=metrics_table_html(metrics),
+        images=figures,
+    )
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: Mapping[str, Mapping[str, float]],
+    tracking: pd.DataFrame,
+    predictions: Mapping[str, pd.DataFrame],
+    actual: pd.DataFrame,
+    *,
+    cutoff: str | pd.Timestamp,
+    holdout_end: str | pd.Timestamp,
+) -> Path:
+    """Write metrics.json, the PNG plots and report.html to `out_dir`; return report.html's path.
+
+    `metrics`: {model: forecast_metrics(...)}; `tracking`: `weekly_tracking` output;
+    `predictions`: {model: DataFrame with `pred_txn`, `pred_spend`} indexed like `actual`
+    (`holdout_actuals` output); `cutoff` / `holdout_end`: the split days.
+    """
+    cut, end = split_days(cutoff, holdout_end)
+    if not predictions:
+        raise ValueError("write_report needs the predictions of at least one model")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    aligned = {name: align_predictions(pred, actual) for name, pred in predictions.items()}
+    figures = (
+        tracking_figure(tracking, cut),
+        calibration_figure(aligned, actual),
+        spend_decile_figure(aligned, actual),
+    )
+    images = {name: _png(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
+    write_atomic(out / "metrics.json", metrics_json(metrics).encode())
+    for name, png in images.items():
+        write_atomic(out / name, png)
+    page = report_html(metrics, images, cut, end, len(actual))
+    write_atomic(out / "report.html", page.encode())
+    return out / "report.html"

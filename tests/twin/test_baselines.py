@@ -1,0 +1,151 @@
+"""BG/NBD + Gamma-Gamma baseline on CDNOW (Fader, Hardie, Lee 2005)."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifetimes import BetaGeoFitter
+
+from fintwin.twin.baselines import BGNBDGammaGamma, bgnbd_p_any, rfm_summary
+from fintwin.twin.evaluation import (
+    auroc,
+    forecast_metrics,
+    holdout_actuals,
+    week_ends,
+    weekly_tracking,
+)
+
+CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
+DATASETS = importlib.resources.files("lifetimes") / "datasets"
+
+
+def load_cdnow(name: str) -> pd.DataFrame:
+    """Event table from a raw CDNOW file of the lifetimes wheel.
+
+    CDNOW_sample.txt: original id, sample id, yyyymmdd, number of CDs, dollars (no header);
+    CDNOW_master.txt: id, yyyymmdd, number of CDs, dollars (one header line).
+    """
+    sample = name == "CDNOW_sample.txt"
+    columns = ["original_id", "customer_id"] if sample else ["customer_id"]
+    raw = pd.read_csv(
+        DATASETS / name,
+        sep=r"\s+",
+        header=None,
+        skiprows=0 if sample else 1,
+        names=[*columns, "date", "cds", "dollars"],
+        dtype={"customer_id": str, "date": str},
+    )
+    return pd.DataFrame(
+        {
+            "customer_id": raw["customer_id"].str.lstrip("0"),
+            "timestamp": pd.to_datetime(raw["date"], format="%Y%m%d"),
+            "event_type": "purchase",
+            "amount": raw["dollars"].astype(float),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sample_events() -> pd.DataFrame:
+    return load_cdnow("CDNOW_sample.txt")
+
+
+@pytest.fixture(scope="module")
+def sample_model(sample_events: pd.DataFrame) -> BGNBDGammaGamma:
+    return BGNBDGammaGamma().fit(sample_events, CUTOFF)
+
+
+def test_rfm_summary_matches_the_papers_sample_summary(sample_events: pd.DataFrame) -> None:
+    published = pd.read_csv(DATASETS / "cdnow_customers_summary_with_transactions.csv")
+    published.index = published["ID"].astype(str)
+    summary = rfm_summary(sample_events, CUTOFF).loc[published.index]
+    assert len(summary) == 2357
+    np.testing.assert_array_equal(summary["frequency"], published["x"])
+    np.testing.assert_allclose(summary["recency"], published["t_x"], atol=0.006)
+    np.testing.assert_allclose(summary["T"], published["T"], atol=0.006)
+    np.testing.assert_allclose(summary["monetary_value"], published["zbar"], atol=0.006)
+
+
+def test_fit_reproduces_published_parameters(sample_model: BGNBDGammaGamma) -> None:
+    # BG/NBD: Fader, Hardie, Lee (2005); Gamma-Gamma: Fader, Hardie (2013) note on CDNOW.
+    published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "p": 6.25, "q": 3.74}
+    for name, value in published.items():
+        assert sample_model.params[name] == pytest.approx(value, abs=0.01), name
+    assert sample_model.params["v"] == pytest.approx(15.44, abs=0.02)
+
+
+def test_p_any_matches_a_simulated_bgnbd_population() -> None:
+    r, alpha, a, b = 0.25, 4.8, 0.72, 2.16
+    fitter = BetaGeoFitter()
+    fitter.params_ = pd.Series({"r": r, "alpha": alpha, "a": a, "b": b})
+    rng = np.random.default_rng(7)
+    n, k, big_t, horizon = 200_000, 5, 39.0, 39.0
+    rate, p_drop = rng.gamma(r, 1 / alpha, n), rng.beta(a, b, n)
+    n_repeats = rng.geometric(p_drop)  # repeat purchases made before dropping out
+    times = np.cumsum(rng.exponential(1 / rate[:, None], (n, k)), axis=1)
+    times[np.arange(k)[None, :] >= n_repeats[:, None]] = np.inf
+    x = (times <= big_t).sum(axis=1)
+    t_x = np.where(x > 0, times[np.arange(n), np.maximum(x - 1, 0)], 0.0)
+    any_in_window = times[np.arange(n), np.minimum(x, k - 1)] <= big_t + horizon
+    for frequency in range(3):
+        rows = x == frequency
+        p_any = bgnbd_p_any(
+            fitter, horizon, x[rows].astype(float), t_x[rows], np.full(rows.sum(), big_t)
+        )
+        assert p_any.mean() == pytest.approx(any_in_window[rows].mean(), abs=0.01), frequency
+
+
+def test_predict_is_consistent(sample_model: BGNBDGammaGamma) -> None:
+    pred = sample_model.predict(HOLDOUT_END)
+    assert list(pred.columns) == ["pred_txn", "pred_spend", "p_alive", "p_any"]
+    assert pred.index.equals(sample_model.summary_.index)
+    assert ((pred["p_any"] > 0) & (pred["p_any"] < pred["p_alive"])).all()
+    one_time_buyers = pred[sample_model.summary_["frequency"] == 0]
+    assert (one_time_buyers["p_alive"] == 1.0).all()
+    p = sample_model.params
+    population_value = p["p"] * p["v"] / (p["q"] - 1)
+    np.testing.assert_allclose(
+        one_time_buyers["pred_spend"], one_time_buyers["pred_txn"] * population_value
+    )
+
+
+def test_cumulative_curves_track_the_sample(
+    sample_events: pd.DataFrame, sample_model: BGNBDGammaGamma
+) -> None:
+    grid = week_ends("1997-01-01", HOLDOUT_END)
+    tracking = weekly_tracking(
+        sample_events,
+        CUTOFF,
+        HOLDOUT_END,
+        expected_cumulative={"bgnbd": sample_model.expected_cumulative_repeats(grid)},
+        holdout_cumulative={"bgnbd_holdout": sample_model.expected_cumulative_holdout(grid)},
+    )
+    at_cutoff = tracking.loc[pd.Timestamp(CUTOFF)]
+    assert at_cutoff["actual"] == 4814 - 2357  # calibration transactions minus first purchases
+    assert at_cutoff["bgnbd"] == pytest.approx(at_cutoff["actual"], rel=0.02)
+    assert np.isnan(at_cutoff["bgnbd_holdout"])
+    holdout_total = sample_model.predict(HOLDOUT_END)["pred_txn"].sum()
+    assert tracking["bgnbd_holdout"].iloc[-1] - at_cutoff["actual"] == pytest.approx(holdout_total)
+
+
+def test_full_cohort_matches_reference_figures() -> None:
+    events = load_cdnow("CDNOW_master.txt")
+    pred = BGNBDGammaGamma().fit(events, CUTOFF).predict(HOLDOUT_END)
+    actual = holdout_actuals(events, CUTOFF, HOLDOUT_END)
+    assert len(actual) == 23_570
+    assert actual["txn"].sum() == 19_684
+    metrics = forecast_metrics(pred, actual)
+    assert metrics["txn_mae"] == pytest.approx(0.819, abs=0.001)
+    assert metrics["txn_rmse"] == pytest.approx(1.733, abs=0.001)
+    assert metrics["txn_total_pct_err"] == pytest.approx(-14.3, abs=0.1)
+    assert metrics["spend_mae"] == pytest.approx(32.68, abs=0.01)
+    assert metrics["spend_rmse"] == pytest.approx(92.94, abs=0.01)
+    assert metrics["spend_total_pct_err"] == pytest.approx(-17.3, abs=0.1)
+    # The reference AUROC 0.763 ranks customers by expected transactions; P(any) ranks worse.
+    assert auroc(pred["pred_txn"].to_numpy(), actual["txn"].to_numpy() > 0) == pytest.approx(
+        0.763, abs=0.001
+    )
+    assert metrics["auroc_any"] == pytest.approx(0.747, abs=0.001)
