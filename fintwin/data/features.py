@@ -37,7 +37,9 @@ class Vocab:
 
     def encode(self, event_types: pd.Series | np.ndarray) -> np.ndarray:
         """Vectorised lookup: unknown types map to OOV_ID."""
-        codes = pd.Categorical(np.asarray(event_types, dtype=object), categories=list(self.tokens)).codes
+        codes = pd.Categorical(
+            np.asarray(event_types, dtype=object), categories=list(self.tokens)
+        ).codes
         return np.where(codes < 0, OOV_ID, codes.astype(np.int64) + 2)
 
     def to_dict(self) -> dict[str, int]:
@@ -61,22 +63,34 @@ def customer_groups(customer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, counts
 
 
-def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[str]) -> dict[str, np.ndarray]:
-    """Flat per-event model inputs for an event table sorted by customer then time."""
-    ts = events["timestamp"].to_numpy("datetime64[ns]")
-    ns = ts.astype(np.int64)
-    starts, _ = customer_groups(events["customer_id"].to_numpy())
+def calendar_features(ns: np.ndarray) -> dict[str, np.ndarray]:
+    """Day of week (Monday = 0), day of month and hour of int64 nanosecond timestamps."""
+    ts = ns.view("datetime64[ns]")
+    days = ts.astype("datetime64[D]")
+    return {
+        "day_of_week": (days.astype(np.int64) + 3) % 7,  # 1970-01-01 was a Thursday
+        "day_of_month": (days - ts.astype("datetime64[M]")).astype(np.int64) + 1,
+        "hour": (ns % NS_PER_DAY) // (3600 * 10**9),
+    }
+
+
+def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[str],
+                   starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Flat per-event model inputs for an event table sorted by customer then time.
+
+    ``starts`` (first row of each customer) is computed when not given.
+    """
+    ns = events["timestamp"].to_numpy("datetime64[ns]").view(np.int64)
+    if starts is None:
+        starts, _ = customer_groups(events["customer_id"].to_numpy())
     delta = np.zeros(len(ns), dtype=np.float64)
     delta[1:] = np.diff(ns) / NS_PER_DAY
     delta[starts] = 0.0
-    stamp = pd.DatetimeIndex(ts)
     features = {
         "event_type": vocab.encode(events["event_type"].to_numpy()),
         "amount": events["amount"].to_numpy(np.float32),
         "delta_t": delta.astype(np.float32),
-        "day_of_week": stamp.dayofweek.to_numpy(np.int64),
-        "day_of_month": stamp.day.to_numpy(np.int64),
-        "hour": stamp.hour.to_numpy(np.int64),
+        **calendar_features(ns),
     }
     if numeric_features:
         features["numeric"] = events[numeric_features].to_numpy(np.float32)
@@ -85,15 +99,19 @@ def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[st
 
 def fit_scaling(features: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
     """Mean/std of log1p(amount) and log1p(delta_t), and of raw numeric extras."""
+
     def stats(x: np.ndarray) -> tuple[float, float]:
         return float(x.mean()), float(max(x.std(), 1e-6))
 
     amount_mean, amount_std = stats(np.log1p(np.maximum(features["amount"].astype(np.float64), 0)))
     delta_mean, delta_std = stats(np.log1p(features["delta_t"].astype(np.float64)))
     scaling: dict[str, float | list[float]] = {
-        "amount_mean": amount_mean, "amount_std": amount_std,
-        "delta_t_mean": delta_mean, "delta_t_std": delta_std,
-        "numeric_mean": [], "numeric_std": [],
+        "amount_mean": amount_mean,
+        "amount_std": amount_std,
+        "delta_t_mean": delta_mean,
+        "delta_t_std": delta_std,
+        "numeric_mean": [],
+        "numeric_std": [],
     }
     if "numeric" in features and features["numeric"].shape[1]:
         num = features["numeric"].astype(np.float64)

@@ -19,8 +19,17 @@ import torch
 
 from fintwin.data.features import NS_PER_DAY, Vocab, customer_groups, event_features
 
-TARGETS = ("next_type", "next_gap", "next_amount", "gap_censored", "churn_label", "churn_mask",
-           "horizon_count", "horizon_spend", "horizon_mask")
+TARGETS = (
+    "next_type",
+    "next_gap",
+    "next_amount",
+    "gap_censored",
+    "churn_label",
+    "churn_mask",
+    "horizon_count",
+    "horizon_spend",
+    "horizon_mask",
+)
 
 
 def observation_end(cutoff: str | pd.Timestamp) -> pd.Timestamp:
@@ -29,12 +38,16 @@ def observation_end(cutoff: str | pd.Timestamp) -> pd.Timestamp:
 
 
 def calibration_events(events: pd.DataFrame, cutoff: str | pd.Timestamp) -> pd.DataFrame:
-    """Events strictly before the end of the calibration period."""
-    return events[events["timestamp"] < observation_end(cutoff)]
+    """Events strictly before the end of the calibration period (no copy when that is all)."""
+    before = events["timestamp"].to_numpy() < observation_end(cutoff).to_datetime64()
+    return events if before.all() else events[before]
 
 
 def _next_event_targets(
-    times: np.ndarray, group: np.ndarray, features: dict[str, np.ndarray], end_days: float,
+    times: np.ndarray,
+    group: np.ndarray,
+    features: dict[str, np.ndarray],
+    end_days: float,
     horizon_days: float,
 ) -> dict[str, np.ndarray]:
     """Per-event targets about what follows each event (flat arrays)."""
@@ -123,8 +136,8 @@ def build_sequences(
     end = observation_end(cutoff)
     events = calibration_events(events, cutoff)
     numeric_features = list(numeric_features or [])
-    features = event_features(events, vocab, numeric_features)
     starts, counts = customer_groups(events["customer_id"].to_numpy())
+    features = event_features(events, vocab, numeric_features, starts)
     group = np.repeat(np.arange(len(starts)), counts)
     origin = np.datetime64("1970-01-01", "ns")
     times = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64) / NS_PER_DAY
