@@ -1,0 +1,327 @@
+"""Run an exported fintwin ONNX model with onnxruntime: in Triton's python backend or in process.
+
+This file is copied verbatim into the embedded server's runtime repository as
+``<name>/<version>/model.py`` next to the version's ``model.onnx`` (and ``fintwin.json``), so it
+imports nothing from fintwin. ``OnnxModel`` holds everything that is not Triton-specific
+(onnxruntime options, request validation, batching) and is also what the in-process runner uses,
+so both paths validate and compute identically.
+
+Per Triton ``execute`` call, all valid requests are right-padded on the sequence axis to the
+longest one and run as ONE onnxruntime batch (rows are independent and the model reads each
+row at its ``length``, so right-padding is harmless), then the outputs are split per request.
+Invalid requests get their own error response; they never fail the other requests of the call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton's python backend (in-process runner, tests)
+    pb_utils = None
+
+LENGTH_INPUT = "length"
+EVENT_TYPE_INPUT = "event_type"
+VOCAB_OUTPUT = "next_event_probs"
+METADATA_FILENAME = "fintwin.json"
+# Exclusive upper bounds of the calendar id inputs (CONTRACT.md); event_type's is the vocab size.
+ID_UPPER_BOUNDS = {"day_of_week": 7, "day_of_month": 32, "hour": 24}
+
+ORT_TO_NUMPY = {
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+}
+NUMPY_TO_TRITON = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+}
+
+
+class InputError(ValueError):
+    """A request's inputs do not match what the model expects."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph tensor: its dtype and shape, each axis a size (static) or a name (dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_node(cls, node: ort.NodeArg) -> TensorSpec:
+        """Spec of an onnxruntime input/output.
+
+        Axis 0 is the batch axis of every tensor; other dynamic axes keep their symbolic name
+        (inputs sharing one, like ``seq``, must agree) or get a name of their own.
+        """
+        shape: list[int | str] = []
+        for axis, dim in enumerate(node.shape):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif axis == 0:
+                shape.append("batch")
+            else:
+                shape.append(dim or f"{node.name}:{axis}")
+        return cls(node.name, ORT_TO_NUMPY[node.type], tuple(shape))
+
+    def describe(self) -> str:
+        """Human-readable expectation, e.g. ``INT64 [batch, seq]``."""
+        return f"{NUMPY_TO_TRITON[self.dtype]} [{', '.join(str(d) for d in self.shape)}]"
+
+
+def load_onnx(
+    onnx_path: Path,
+    intra_op_threads: int = 1,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """Load an ONNX file into onnxruntime tuned for serving: all graph optimisations, set threads.
+
+    ``intra_op_threads=0`` lets onnxruntime use one thread per physical core (batch scoring);
+    1 is best for batch-1 latency and for several model instances sharing the machine.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=list(providers))
+
+
+class OnnxModel:
+    """One exported model version: validates requests and runs them, batched, with onnxruntime."""
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        metadata: Mapping | None = None,
+        intra_op_threads: int = 1,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.runtime = load_onnx(onnx_path, intra_op_threads, providers)
+        self.inputs = [TensorSpec.from_node(node) for node in self.runtime.get_inputs()]
+        self.outputs = [TensorSpec.from_node(node) for node in self.runtime.get_outputs()]
+        self.output_names = [spec.name for spec in self.outputs]
+        self.vocab_size = _vocab_size(self.outputs, metadata or {})
+        per_position = [
+            spec.name for spec in self.outputs if any(isinstance(d, str) for d in spec.shape[1:])
+        ]
+        if per_position:
+            raise ValueError(
+                f"outputs {per_position} have dynamic non-batch axes; only per-row outputs "
+                "can be served with sequence padding"
+            )
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Raise InputError naming the input and what was expected if ``inputs`` are unusable."""
+        _check_names(inputs, self.inputs)
+        axis_sizes: dict[str, tuple[int, str]] = {}
+        for spec in self.inputs:
+            _check_tensor(inputs[spec.name], spec, axis_sizes)
+        for spec in self.inputs:
+            _check_values(inputs[spec.name], spec, self.vocab_size)
+        _check_lengths(inputs, self.inputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate and run one batch; raises InputError on bad inputs."""
+        self.validate(inputs)
+        values = self.runtime.run(
+            self.output_names, {spec.name: inputs[spec.name] for spec in self.inputs}
+        )
+        return dict(zip(self.output_names, values, strict=True))
+
+    def run_many(
+        self, requests: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Run several requests as one onnxruntime batch; per request its outputs or its error."""
+        results: dict[int, dict[str, np.ndarray] | Exception] = {}
+        for index, inputs in enumerate(requests):
+            try:
+                self.validate(inputs)
+            except InputError as exc:
+                results[index] = exc
+        valid = [index for index in range(len(requests)) if index not in results]
+        results.update(zip(valid, self._run_group([requests[i] for i in valid]), strict=True))
+        return [results[index] for index in range(len(requests))]
+
+    def _run_group(
+        self, group: list[Mapping[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Run validated requests together; if onnxruntime fails, isolate the failing ones."""
+        if not group:
+            return []
+        try:
+            batch = {
+                spec.name: _pad_and_stack([r[spec.name] for r in group]) for spec in self.inputs
+            }
+            values = self.runtime.run(self.output_names, batch)
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            if len(group) == 1:
+                return [RuntimeError(f"onnxruntime failed on this request: {exc}")]
+            return [result for request in group for result in self._run_group([request])]
+        rows = list(accumulate((len(r[self.inputs[0].name]) for r in group), initial=0))
+        return [
+            {name: value[start:stop] for name, value in zip(self.output_names, values, strict=True)}
+            for start, stop in zip(rows[:-1], rows[1:], strict=True)
+        ]
+
+
+def _vocab_size(outputs: list[TensorSpec], metadata: Mapping) -> int | None:
+    """V from the graph's next_event_probs width, else from the metadata vocab (max id + 1)."""
+    for spec in outputs:
+        if spec.name == VOCAB_OUTPUT and len(spec.shape) == 2 and isinstance(spec.shape[1], int):
+            return spec.shape[1]
+    vocab = metadata.get("vocab")
+    return max(vocab.values()) + 1 if vocab else None
+
+
+def _check_names(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> None:
+    expected = [spec.name for spec in specs]
+    missing = [name for name in expected if name not in inputs]
+    unexpected = [name for name in inputs if name not in expected]
+    if missing or unexpected:
+        raise InputError(f"inputs missing {missing}, unexpected {unexpected}; expected {expected}")
+
+
+def _check_tensor(
+    array: np.ndarray, spec: TensorSpec, axis_sizes: dict[str, tuple[int, str]]
+) -> None:
+    """dtype, rank, static dims, and dynamic axes agreeing across inputs (batch, seq)."""
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"input {spec.name!r} is a {type(array).__name__}, expected a numpy array")
+    if array.dtype != spec.dtype:
+        got = f"{array.dtype} ({NUMPY_TO_TRITON.get(array.dtype, '?')})"
+        raise InputError(f"input {spec.name!r} has dtype {got}, expected {spec.describe()}")
+    if array.ndim != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r} has shape {list(array.shape)}, expected rank {len(spec.shape)}: "
+            f"{spec.describe()}"
+        )
+    for size, dim in zip(array.shape, spec.shape, strict=True):
+        if isinstance(dim, int) and size != dim:
+            raise InputError(
+                f"input {spec.name!r} has shape {list(array.shape)}, expected {spec.describe()}"
+            )
+        if isinstance(dim, str):
+            first_size, first_name = axis_sizes.setdefault(dim, (size, spec.name))
+            if size != first_size:
+                raise InputError(
+                    f"input {spec.name!r} has {dim} size {size} but {first_name!r} has "
+                    f"{first_size}; all inputs must share the {dim} axis"
+                )
+    if array.shape[0] == 0:
+        raise InputError(f"input {spec.name!r} has an empty batch")
+
+
+def _check_values(array: np.ndarray, spec: TensorSpec, vocab_size: int | None) -> None:
+    """Finite floats; id inputs inside their vocabulary / calendar range (cheap when valid)."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        first = tuple(np.argwhere(~np.isfinite(array))[0])
+        raise InputError(
+            f"input {spec.name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
+            "expected finite values (no NaN/inf)"
+        )
+    upper = vocab_size if spec.name == EVENT_TYPE_INPUT else ID_UPPER_BOUNDS.get(spec.name)
+    if upper is not None and (array.min() < 0 or array.max() >= upper):
+        first = tuple(np.argwhere((array < 0) | (array >= upper))[0])
+        raise InputError(
+            f"input {spec.name!r} holds id {array[first]} at row {first[0]}"
+            f"{_position(first[1:])}; expected ids in [0, {upper})"
+        )
+
+
+def _check_lengths(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> None:
+    """Each row's length must be in [1, T], T being the sequence axis of the [B, T] inputs."""
+    if LENGTH_INPUT not in inputs:
+        return
+    lengths = inputs[LENGTH_INPUT]
+    seq_len = next((inputs[s.name].shape[1] for s in specs if len(s.shape) >= 2), None)
+    if seq_len is None:
+        return
+    bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
+    if len(bad):
+        row = bad[0]
+        raise InputError(
+            f"input {LENGTH_INPUT!r} is {lengths[row]} at row {row}; expected lengths in "
+            f"[1, T={seq_len}] (T = sequence axis of the inputs)"
+        )
+
+
+def _position(position: tuple) -> str:
+    return f", position {', '.join(str(p) for p in position)}" if position else ""
+
+
+def _pad_and_stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch axis, right-padding every other axis with zeros to the max."""
+    if len(arrays) == 1:
+        return arrays[0]
+    target = np.max([a.shape[1:] for a in arrays], axis=0)
+    return np.concatenate([_right_pad(a, target) for a in arrays], axis=0)
+
+
+def _right_pad(array: np.ndarray, target: np.ndarray) -> np.ndarray:
+    widths = [(0, 0)] + [(0, int(t) - s) for s, t in zip(array.shape[1:], target, strict=True)]
+    return np.pad(array, widths) if any(after for _, after in widths) else array
+
+
+def read_metadata(version_dir: Path) -> dict:
+    """The version's fintwin.json, or {} when there is none."""
+    path = Path(version_dir) / METADATA_FILENAME
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class TritonPythonModel:
+    """Triton python-backend entry point: one instance per model instance (stub process)."""
+
+    def initialize(self, args: dict) -> None:
+        """Load this version's ``model.onnx``; ``intra_op_threads`` is a config parameter."""
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        parameters = config.get("parameters", {})
+        threads = int(parameters.get("intra_op_threads", {}).get("string_value", "1"))
+        self.model = OnnxModel(version_dir / "model.onnx", read_metadata(version_dir), threads)
+        pb_utils.Logger.log_info(
+            f"loaded {version_dir / 'model.onnx'} with onnxruntime {ort.__version__}, "
+            f"{threads} intra-op thread(s), vocab size {self.model.vocab_size}"
+        )
+
+    def execute(self, requests: list) -> list:
+        """One response per request, in order; a bad request gets a TritonError, never a raise."""
+        try:
+            inputs = [{t.name(): t.as_numpy() for t in request.inputs()} for request in requests]
+            results = self.model.run_many(inputs)
+        # never let an exception out of execute: Triton would fail every request of the call
+        except Exception as exc:
+            results = [RuntimeError(f"internal error: {exc}")] * len(requests)
+        return [self._response(result) for result in results]
+
+    @staticmethod
+    def _response(result: dict[str, np.ndarray] | Exception) -> pb_utils.InferenceResponse:
+        """An error response for an exception, else one holding the request's outputs."""
+        if isinstance(result, Exception):
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(str(result))
+            )
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()
+            ]
+        )

@@ -1,0 +1,234 @@
+"""Serving fixtures: a stand-in ONNX model with the exported model's contract, a repository
+holding it, an in-process reference, and ONE embedded Triton server for the whole test run.
+
+Shared functions reach the tests through the ``standin`` fixture: test modules never import
+conftest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fintwin.export.triton_repo import write_model_version
+from fintwin.serving.client import InProcessRunner, TritonTransport
+from fintwin.serving.server import EmbeddedTriton
+
+MODEL_NAME = "twin"
+VOCAB_SIZE = 12
+SEQ_INPUTS = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour")
+OUTPUT_NAMES = (
+    "next_event_probs",
+    "next_time_mean",
+    "next_time_quantiles",
+    "dormant_prob",
+    "next_amount_mean",
+    "churn_prob",
+    "horizon_count",
+    "horizon_spend",
+)
+MAX_BATCH_SIZE = 64
+PREFERRED_BATCH_SIZES = (8, 32)
+MAX_QUEUE_DELAY_US = 200
+
+
+class StandInTwin(nn.Module):
+    """Tiny causal model with the exported contract: reads each row at position length - 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = nn.Embedding(VOCAB_SIZE, 8)
+        self.day_of_week = nn.Embedding(7, 3)
+        self.day_of_month = nn.Embedding(32, 3)
+        self.hour = nn.Embedding(24, 3)
+        self.mix = nn.Linear(8 + 3 * 3 + 2, 16)
+        self.heads = nn.Linear(16, VOCAB_SIZE + 8)
+
+    def forward(self, event_type, amount, delta_t, day_of_week, day_of_month, hour, length):
+        features = torch.cat(
+            [
+                self.event(event_type),
+                self.day_of_week(day_of_week),
+                self.day_of_month(day_of_month),
+                self.hour(hour),
+                torch.log1p(amount).unsqueeze(-1),
+                torch.log1p(delta_t).unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        hidden = torch.cumsum(torch.tanh(self.mix(features)), dim=1)  # position t sees <= t
+        index = (length - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        out = self.heads(hidden.gather(1, index).squeeze(1))
+        probs = torch.softmax(out[:, :VOCAB_SIZE], dim=-1)
+        rest = out[:, VOCAB_SIZE:]
+        positive = F.softplus(rest)
+        quantiles = torch.cumsum(positive[:, 1:4], dim=-1)
+        return (
+            probs,
+            positive[:, 0],
+            quantiles,
+            torch.sigmoid(rest[:, 4]),
+            positive[:, 5],
+            torch.sigmoid(rest[:, 6]),
+            positive[:, 7],
+            positive[:, 7] * positive[:, 5],
+        )
+
+
+def export_standin(path: Path) -> Path:
+    """Export StandInTwin with the dynamo exporter, dynamic batch and sequence axes."""
+    torch.manual_seed(0)
+    model = StandInTwin().eval()
+    batch, seq = 3, 5
+    example = (
+        torch.randint(0, VOCAB_SIZE, (batch, seq)),
+        torch.rand(batch, seq),
+        torch.rand(batch, seq),
+        torch.randint(0, 7, (batch, seq)),
+        torch.randint(0, 32, (batch, seq)),
+        torch.randint(0, 24, (batch, seq)),
+        torch.tensor([5, 2, 1]),
+    )
+    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("seq")
+    dynamic_shapes = {name: {0: batch_dim, 1: seq_dim} for name in SEQ_INPUTS}
+    dynamic_shapes["length"] = {0: batch_dim}
+    torch.onnx.export(
+        model,
+        example,
+        str(path),
+        dynamo=True,
+        dynamic_shapes=dynamic_shapes,
+        external_data=False,
+        input_names=[*SEQ_INPUTS, "length"],
+        output_names=list(OUTPUT_NAMES),
+        verbose=False,
+    )
+    return path
+
+
+def random_inputs(
+    rng: np.random.Generator, batch: int, seq: int, lengths: list[int] | None = None
+) -> dict[str, np.ndarray]:
+    """A valid right-padded batch: zeros after each row's length."""
+    length = np.array(
+        lengths if lengths is not None else rng.integers(1, seq + 1, batch), dtype=np.int64
+    )
+    real = np.arange(seq)[None, :] < length[:, None]
+    inputs = {
+        "event_type": rng.integers(1, VOCAB_SIZE, (batch, seq)),
+        "amount": rng.gamma(2.0, 30.0, (batch, seq)).astype(np.float32),
+        "delta_t": rng.exponential(10.0, (batch, seq)).astype(np.float32),
+        "day_of_week": rng.integers(0, 7, (batch, seq)),
+        "day_of_month": rng.integers(1, 32, (batch, seq)),
+        "hour": rng.integers(0, 24, (batch, seq)),
+    }
+    inputs = {name: np.where(real, value, 0).astype(value.dtype) for name, value in inputs.items()}
+    return {**inputs, "length": length}
+
+
+def assert_outputs_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Same output names, dtypes, shapes and values (atol 1e-5)."""
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype, name
+        assert got[name].shape == value.shape, name
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+
+def _live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live, non-zombie process, from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if state != "Z":
+            yield int(entry.name), int(ppid), int(pgrp)
+
+
+def processes_in_group(group: int) -> list[int]:
+    """PIDs of live processes in process group ``group``."""
+    return [pid for pid, _, pgrp in _live_processes() if pgrp == group]
+
+
+def children_of(parent: int) -> list[int]:
+    """PIDs of live processes whose parent is ``parent``."""
+    return [pid for pid, ppid, _ in _live_processes() if ppid == parent]
+
+
+class StandIn:
+    """Constants and functions of the stand-in model, handed to tests by the ``standin`` fixture."""
+
+    model_name = MODEL_NAME
+    vocab_size = VOCAB_SIZE
+    output_names = OUTPUT_NAMES
+    random_inputs = staticmethod(random_inputs)
+    assert_outputs_equal = staticmethod(assert_outputs_equal)
+    processes_in_group = staticmethod(processes_in_group)
+    children_of = staticmethod(children_of)
+
+
+@pytest.fixture(scope="session")
+def standin() -> type[StandIn]:
+    return StandIn
+
+
+@pytest.fixture(scope="session")
+def standin_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_standin(tmp_path_factory.mktemp("standin") / "standin.onnx")
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory, standin_onnx: Path) -> Path:
+    repo = tmp_path_factory.mktemp("model_repository")
+    metadata = {"vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)}, "horizon_days": 90.0}
+    write_model_version(
+        repo,
+        MODEL_NAME,
+        standin_onnx,
+        metadata,
+        device="cpu",
+        max_batch_size=MAX_BATCH_SIZE,
+        preferred_batch_sizes=PREFERRED_BATCH_SIZES,
+        max_queue_delay_us=MAX_QUEUE_DELAY_US,
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def reference(model_repo: Path) -> Iterator[InProcessRunner]:
+    runner = InProcessRunner(model_repo, MODEL_NAME, intra_op_threads=1)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repo: Path) -> Iterator[EmbeddedTriton]:
+    with EmbeddedTriton(model_repo, startup_timeout_s=90) as server:
+        group = server.process.pid  # the server leads its own process group
+        yield server
+    assert not processes_in_group(group), "tritonserver or a python stub outlived the server"
+
+
+@pytest.fixture(params=["grpc", "http"])
+def transport(
+    request: pytest.FixtureRequest, triton_server: EmbeddedTriton
+) -> Iterator[TritonTransport]:
+    url = triton_server.grpc_url if request.param == "grpc" else triton_server.http_url
+    client = TritonTransport(url, request.param, MODEL_NAME)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
