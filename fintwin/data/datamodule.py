@@ -37,7 +37,8 @@ class SplitFractions:
         if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
             raise FintwinInputError(
                 f"data.split: val={self.val}, test={self.test}; expected fractions in [0, 1) "
-                "with val + test < 1")
+                "with val + test < 1"
+            )
 
 
 def split_customers(n: int, fractions: SplitFractions, seed: int) -> dict[str, np.ndarray]:
@@ -46,8 +47,8 @@ def split_customers(n: int, fractions: SplitFractions, seed: int) -> dict[str, n
     n_val, n_test = int(round(n * fractions.val)), int(round(n * fractions.test))
     return {
         "val": np.sort(order[:n_val]),
-        "test": np.sort(order[n_val:n_val + n_test]),
-        "train": np.sort(order[n_val + n_test:]),
+        "test": np.sort(order[n_val : n_val + n_test]),
+        "train": np.sort(order[n_val + n_test :]),
     }
 
 
@@ -59,8 +60,15 @@ class BucketBatchSampler(Sampler[list[int]]):
     takes every ``num_replicas``-th batch.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, bucket_batches: int = 50,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        seed: int,
+        bucket_batches: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.bucket_batches, self.num_replicas, self.rank = bucket_batches, num_replicas, rank
         self.epoch = 0
@@ -75,12 +83,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         chunk = self.batch_size * self.bucket_batches
         batches = []
         for lo in range(0, len(order), chunk):
-            part = order[lo:lo + chunk]
+            part = order[lo : lo + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
             batches.extend(np.array_split(part, max(1, -(-len(part) // self.batch_size))))
         rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
-        return batches[self.rank:usable:self.num_replicas]
+        usable = (
+            len(batches) - len(batches) % self.num_replicas
+            if self.num_replicas > 1
+            else len(batches)
+        )
+        return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._batches():
@@ -129,7 +141,9 @@ class EventDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if horizon_days <= 0:
-            raise FintwinInputError(f"data.horizon_days={horizon_days}: expected a positive number of days")
+            raise FintwinInputError(
+                f"data.horizon_days={horizon_days}: expected a positive number of days"
+            )
         if max_len < 1:
             raise FintwinInputError(f"data.max_len={max_len}: expected a positive integer")
         if batch_size < 1:
@@ -137,8 +151,12 @@ class EventDataModule(pl.LightningDataModule):
         self.source, self.cutoff, self.holdout_end = source, str(cutoff), holdout_end
         self.horizon_days, self.max_len = float(horizon_days), int(max_len)
         self.same_day_merge, self.simulator, self._given_events = same_day_merge, simulator, events
-        self.schema = EventSchema(list(numeric_features or []), list(categorical_features or []),
-                                  allow_negative_amount, drop_duplicates)
+        self.schema = EventSchema(
+            list(numeric_features or []),
+            list(categorical_features or []),
+            allow_negative_amount,
+            drop_duplicates,
+        )
         self.fractions = SplitFractions(val_fraction, test_fraction)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.bucket_by_length, self.seed = bucket_by_length, seed
@@ -155,9 +173,17 @@ class EventDataModule(pl.LightningDataModule):
             from fintwin.data.sources import merge_same_day
 
             events, _ = validate_events(self._given_events, self.schema, source="events")
-            return merge_same_day(events, self.schema.numeric_features) if self.same_day_merge else events
-        events, _ = load_events(self.source, self.schema, same_day_merge=self.same_day_merge,
-                                simulator_config=self.simulator)
+            return (
+                merge_same_day(events, self.schema.numeric_features)
+                if self.same_day_merge
+                else events
+            )
+        events, _ = load_events(
+            self.source,
+            self.schema,
+            same_day_merge=self.same_day_merge,
+            simulator_config=self.simulator,
+        )
         return events
 
     def setup(self, stage: str | None = None) -> None:
@@ -169,20 +195,52 @@ class EventDataModule(pl.LightningDataModule):
         if calib.empty:
             raise FintwinInputError(
                 f"{self.source}: no events on or before data.cutoff={self.cutoff} "
-                f"(data spans {self.events['timestamp'].min()} to {self.events['timestamp'].max()})")
+                f"(data spans {self.events['timestamp'].min()} to {self.events['timestamp'].max()})"
+            )
         _, counts = customer_groups(calib["customer_id"].to_numpy())
         self.splits = split_customers(len(counts), self.fractions, self.seed)
         is_train = np.zeros(len(counts), dtype=bool)
         is_train[self.splits["train"]] = True
         self.vocab = Vocab.fit(calib["event_type"].to_numpy()[np.repeat(is_train, counts)])
         self.sequences = build_sequences(
-            self.events, self.vocab, cutoff=self.cutoff, horizon_days=self.horizon_days,
-            max_len=self.max_len, numeric_features=self.schema.numeric_features)
+            self.events,
+            self.vocab,
+            cutoff=self.cutoff,
+            horizon_days=self.horizon_days,
+            max_len=self.max_len,
+            numeric_features=self.schema.numeric_features,
+        )
         train_events = np.repeat(is_train, self.sequences.lengths)
         self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
-        log.info("%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
-                 self.source, len(counts), len(self.splits["train"]), len(self.splits["val"]),
-                 len(self.splits["test"]), self.sequences.n_events, self.vocab.size)
+        log.info(
+            "%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
+            self.source,
+            len(counts),
+            len(self.splits["train"]),
+            len(self.splits["val"]),
+            len(self.splits["test"]),
+            self.sequences.n_events,
+            self.vocab.size,
+        )
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must carry to featurise new data exactly as in training."""
+        if self.vocab is None:
+            return {}
+        return {
+            "source": self.source,
+            "cutoff": self.cutoff,
+            "observation_end": self.sequences.observation_end.isoformat(),
+            "horizon_days": self.horizon_days,
+            "max_len": self.max_len,
+            "same_day_merge": self.same_day_merge,
+            "numeric_features": list(self.schema.numeric_features),
+            "vocab": self.vocab.to_dict(),
+            "scaling": self.scaling,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resuming keeps the run's own vocab and scaling (refitted identically in setup)."""
 
     @property
     def n_numeric(self) -> int:
@@ -200,19 +258,37 @@ class EventDataModule(pl.LightningDataModule):
         ``trainer.use_distributed_sampler=false``.
         """
         index = self.splits[split]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        common = dict(collate_fn=self.collate, num_workers=self.num_workers,
-                      persistent_workers=self.num_workers > 0)
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        )
+        common = dict(
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
         if train and self.bucket_by_length:
-            sampler = BucketBatchSampler(self.sequences.lengths[index], self.batch_size, self.seed,
-                                         num_replicas=world, rank=rank)
+            sampler = BucketBatchSampler(
+                self.sequences.lengths[index],
+                self.batch_size,
+                self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
             return DataLoader(CustomerIndex(index), batch_sampler=sampler, **common)
         if world > 1:
-            shard = DistributedSampler(CustomerIndex(index), num_replicas=world, rank=rank,
-                                       shuffle=train, seed=self.seed)
-            return DataLoader(CustomerIndex(index), batch_size=self.batch_size, sampler=shard, **common)
-        return DataLoader(CustomerIndex(index), batch_size=self.batch_size, shuffle=train,
-                          generator=torch.Generator().manual_seed(self.seed), **common)
+            shard = DistributedSampler(
+                CustomerIndex(index), num_replicas=world, rank=rank, shuffle=train, seed=self.seed
+            )
+            return DataLoader(
+                CustomerIndex(index), batch_size=self.batch_size, sampler=shard, **common
+            )
+        return DataLoader(
+            CustomerIndex(index),
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(self.seed),
+            **common,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

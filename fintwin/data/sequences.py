@@ -158,3 +158,11 @@ def build_sequences(
         last_event_time=events["timestamp"].to_numpy("datetime64[ns]")[last_index],
         observation_end=end,
     )
+
+
+def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
+                        numeric_features: list[str] | None = None) -> SequenceSet:
+    """Sequences of every event in ``events`` (no cut-off), as a deployed twin scores them."""
+    last_day = events["timestamp"].max()
+    return build_sequences(events, vocab, cutoff=last_day, horizon_days=1.0, max_len=max_len,
+                           numeric_features=numeric_features)

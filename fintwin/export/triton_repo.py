@@ -56,6 +56,12 @@ ONNX_TO_TRITON_DTYPE = {
 Device = Literal["cpu", "gpu"]
 
 
+# Featuriser settings a remote client needs, published in the config (latest version's).
+FEATURISER_PARAMETER = "fintwin_featuriser"
+FEATURISER_KEYS = ("vocab", "numeric_features", "max_len", "same_day_merge", "horizon_days",
+                   "quantiles", "input_names", "output_names")
+
+
 class ModelRepositoryError(ValueError):
     """A model repository (or a model written into it) is not usable."""
 
@@ -92,6 +98,8 @@ def write_model_version(
         instances=instances,
     )
     metadata = _metadata_with_io_names(metadata, config)
+    featuriser = {k: metadata[k] for k in FEATURISER_KEYS if k in metadata}
+    config.parameters[FEATURISER_PARAMETER].string_value = json.dumps(featuriser, sort_keys=True)
     model_dir = Path(repo) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_same_signature(model_dir, config)

@@ -8,17 +8,25 @@ Both take and return the exported model's own tensors (CONTRACT.md, "Exported ON
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
+import pandas as pd
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from fintwin.export.triton_repo import MODEL_FILENAME, ModelRepositoryError, model_versions
+from fintwin.data.features import Vocab
+from fintwin.export.triton_repo import (
+    FEATURISER_PARAMETER,
+    MODEL_FILENAME,
+    ModelRepositoryError,
+    model_versions,
+)
 from fintwin.serving.python_model import InputError, OnnxModel, read_metadata
 
 WireProtocol = Literal["grpc", "http"]
@@ -118,15 +126,27 @@ class TritonTransport:
         """Close the connection."""
         self._client.close()
 
+    def model_config(self) -> dict:
+        """The served model's configuration as JSON-like dict."""
+        try:
+            if self.protocol == "grpc":
+                return self._client.get_model_config(self.model, self.version, as_json=True)["config"]
+            return self._client.get_model_config(self.model, self.version)
+        except InferenceServerException as exc:
+            raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
+
+    @property
+    def metadata(self) -> dict:
+        """Featuriser settings the export stored in the model config's parameters."""
+        parameters = self.model_config().get("parameters", {})
+        if FEATURISER_PARAMETER not in parameters:
+            raise InferenceError(f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
+                                 "export it with `fintwin export`")
+        return json.loads(parameters[FEATURISER_PARAMETER]["string_value"])
+
     def _get_layout(self) -> _Layout:
         if self._layout is None:
-            if self.protocol == "grpc":
-                config = self._client.get_model_config(self.model, self.version, as_json=True)[
-                    "config"
-                ]
-            else:
-                config = self._client.get_model_config(self.model, self.version)
-            self._layout = _layout_from_config(config)
+            self._layout = _layout_from_config(self.model_config())
         return self._layout
 
     def _infer_input(
@@ -214,3 +234,85 @@ class InProcessRunner:
     def close(self) -> None:
         """Release the loaded onnxruntime model."""
         self._model = None
+
+
+def _padded_width(length: int, max_len: int) -> int:
+    """Next power of two (capped at max_len): few distinct shapes, so Triton can batch them."""
+    return min(max_len, 1 << max(0, int(length - 1).bit_length()))
+
+
+class TwinClient:
+    """Featurise raw events exactly as in training and score them on Triton or in process.
+
+    ``TwinClient(url="127.0.0.1:8001", protocol="grpc", model="fintwin")`` talks to a server;
+    ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process.
+    ``predict(events)`` returns one row per customer.
+    """
+
+    def __init__(self, url: str | None = None, protocol: WireProtocol = "grpc", model: str = "fintwin",
+                 version: str = "", *, repo: Path | None = None, batch_size: int = 256,
+                 top_k: int = 3) -> None:
+        if (url is None) == (repo is None):
+            raise ValueError("give exactly one of url (a Triton server) or repo (in-process)")
+        self.transport: Transport = (
+            InProcessRunner(Path(repo), model, int(version) if version else None)
+            if repo is not None else TritonTransport(url, protocol, model, version))
+        self.settings = self.transport.metadata
+        self.batch_size, self.top_k = batch_size, top_k
+
+    def featurise(self, events: pd.DataFrame | str | Path):
+        """Validated, (same-day merged) sequences of every customer in ``events``."""
+        from fintwin.data.schema import EventSchema, validate_events
+        from fintwin.data.sequences import inference_sequences
+        from fintwin.data.sources import load_events, merge_same_day
+
+        numeric = list(self.settings.get("numeric_features", []))
+        schema = EventSchema(numeric_features=numeric)
+        if isinstance(events, pd.DataFrame):
+            table, _ = validate_events(events, schema, source="events")
+            if self.settings.get("same_day_merge"):
+                table = merge_same_day(table, numeric)
+        else:
+            table, _ = load_events(str(events), schema,
+                                   same_day_merge=bool(self.settings.get("same_day_merge")))
+        vocab = Vocab.from_dict(self.settings["vocab"])
+        return inference_sequences(table, vocab, int(self.settings["max_len"]), numeric)
+
+    def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
+        probs = outputs["next_event_probs"]
+        names = np.array(["<pad>", "<oov>", *Vocab.from_dict(self.settings["vocab"]).tokens], dtype=object)
+        top = np.argsort(-probs, axis=1)[:, : self.top_k]
+        frame = {"customer_id": customer_ids}
+        for k in range(top.shape[1]):
+            frame[f"top{k + 1}_type"] = names[top[:, k]]
+            frame[f"top{k + 1}_prob"] = np.take_along_axis(probs, top[:, k : k + 1], 1)[:, 0]
+        frame["next_time_mean_days"] = outputs["next_time_mean"]
+        for i, level in enumerate(self.settings.get("quantiles", [0.1, 0.5, 0.9])):
+            frame[f"next_time_q{round(level * 100):02d}_days"] = outputs["next_time_quantiles"][:, i]
+        for name in ("dormant_prob", "next_amount_mean", "churn_prob", "horizon_count", "horizon_spend"):
+            frame[name] = outputs[name]
+        return pd.DataFrame(frame)
+
+    def predict(self, events: pd.DataFrame | str | Path, progress: bool = False) -> pd.DataFrame:
+        """One row per customer: top-k next types, time to next event, amount, churn, horizon."""
+        from tqdm.auto import tqdm
+
+        sequences = self.featurise(events)
+        max_len = int(self.settings["max_len"])
+        parts = []
+        starts = range(0, len(sequences), self.batch_size)
+        for lo in tqdm(starts, disable=not progress, unit="batch", desc="scoring"):
+            index = np.arange(lo, min(lo + self.batch_size, len(sequences)))
+            batch = {k: v.numpy() for k, v in sequences.batch(index, with_targets=False).items()}
+            width = _padded_width(int(batch["length"].max()), max_len)
+            for name, array in batch.items():
+                if array.ndim >= 2 and array.shape[1] < width:
+                    pad = [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+                    batch[name] = np.pad(array, pad)
+            parts.append(self._rows(sequences.customer_ids[index], self.transport.infer(batch)))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    def close(self) -> None:
+        """Release the transport."""
+        self.transport.close()
+

@@ -1,0 +1,164 @@
+"""ONNX export of a trained twin with a parity check against PyTorch, and `fintwin export`.
+
+The graph takes raw featuriser values (scaling constants live inside it) and returns the
+per-customer outputs of the model contract. Every export is checked with onnxruntime on
+fresh random valid batches of several batch sizes and lengths, including lengths unlike the
+export example; the export fails when any output differs by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from fintwin.models.checkpoint import TrainedTwin, load_twin
+from fintwin.models.module import QUANTILE_LEVELS, ExportableTwin
+
+log = logging.getLogger(__name__)
+
+PARITY_SHAPES = ((1, 1), (1, 64), (4, 13), (16, 50), (33, 129))  # (batch, sequence length)
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree beyond the tolerance: the export is refused."""
+
+
+@dataclass
+class ParityReport:
+    """Largest difference per output over every checked batch.
+
+    ``max_abs`` is the plain difference; ``max_scaled`` divides it by max(1, |torch value|),
+    so outputs measured in days or currency are compared at fp32's relative precision.
+    """
+
+    max_abs: dict[str, float] = field(default_factory=dict)
+    max_scaled: dict[str, float] = field(default_factory=dict)
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def worst(self) -> float:
+        """Largest scaled difference over all outputs."""
+        return max(self.max_scaled.values(), default=0.0)
+
+
+def random_valid_inputs(wrapper: ExportableTwin, batch: int, seq_len: int,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random raw inputs obeying the contract: right padding, ids in the vocabulary."""
+    vocab_size = wrapper.twin.hparams.vocab_size
+    lengths = rng.integers(1, seq_len + 1, size=batch)
+    lengths[0] = seq_len  # at least one full row
+    valid = np.arange(seq_len)[None, :] < lengths[:, None]
+    shape = (batch, seq_len)
+
+    def pad(values: np.ndarray) -> np.ndarray:
+        return np.where(valid if values.ndim == 2 else valid[..., None], values, 0).astype(values.dtype)
+
+    inputs = {
+        "event_type": pad(rng.integers(1, vocab_size, shape)),
+        "amount": pad(rng.lognormal(3.0, 1.5, shape).astype(np.float32)),
+        "delta_t": pad(rng.exponential(10.0, shape).astype(np.float32)),
+        "day_of_week": pad(rng.integers(0, 7, shape)),
+        "day_of_month": pad(rng.integers(1, 32, shape)),
+        "hour": pad(rng.integers(0, 24, shape)),
+        "length": lengths.astype(np.int64),
+    }
+    if wrapper.n_numeric:
+        inputs["numeric"] = pad(rng.normal(0, 3, (*shape, wrapper.n_numeric)).astype(np.float32))
+    return inputs
+
+
+def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """CPU onnxruntime session with full graph optimisation."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(wrapper: ExportableTwin, onnx_path: Path, seed: int = 0,
+                 shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
+    """Compare onnxruntime with the PyTorch wrapper on fresh random batches."""
+    session = ort_session(onnx_path)
+    rng = np.random.default_rng(seed)
+    report = ParityReport(shapes=list(shapes))
+    for batch, seq_len in shapes:
+        feeds = random_valid_inputs(wrapper, batch, seq_len, rng)
+        with torch.no_grad():
+            expected = wrapper(*(torch.from_numpy(feeds[n]) for n in wrapper.input_names))
+        got = session.run(wrapper.output_names, {n: feeds[n] for n in wrapper.input_names})
+        for name, want, have in zip(wrapper.output_names, expected, got, strict=True):
+            diff = np.abs(have - want.numpy())
+            scaled = diff / np.maximum(1.0, np.abs(want.numpy()))
+            report.max_abs[name] = max(report.max_abs.get(name, 0.0), float(diff.max()))
+            report.max_scaled[name] = max(report.max_scaled.get(name, 0.0), float(scaled.max()))
+    return report
+
+
+def export_onnx(twin: TrainedTwin, path: Path, tolerance: float = PARITY_TOLERANCE,
+                seed: int = 0) -> ParityReport:
+    """Export ``twin`` to ``path`` (single file) after checking parity; raise if it fails."""
+    wrapper = ExportableTwin(twin.model.cpu().eval())
+    with torch.no_grad():
+        wrapper(*wrapper.example_inputs())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        candidate = Path(scratch) / "model.onnx"
+        wrapper.to_onnx(candidate)
+        report = check_parity(wrapper, candidate, seed=seed)
+        if report.worst > tolerance:
+            bad = {k: v for k, v in report.max_scaled.items() if v > tolerance}
+            raise ExportParityError(f"ONNX parity check failed (tolerance {tolerance}): {bad}")
+        candidate.replace(path)
+    log.info("ONNX parity: worst difference %.2e over batches %s", report.worst, report.shapes)
+    return report
+
+
+def source_commit() -> str:
+    """The git commit of the code that exports (empty outside a checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict:
+    """What a client needs besides the graph: vocab, featuriser settings, metrics, provenance."""
+    metrics_file = ckpt.parent.parent / "metrics.json"
+    metrics = {}
+    if metrics_file.is_file():
+        metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items()
+                   if isinstance(v, (int, float))}
+    data = twin.data
+    return {
+        "vocab": data["vocab"], "numeric_features": data["numeric_features"],
+        "horizon_days": data["horizon_days"], "max_len": data["max_len"],
+        "same_day_merge": data["same_day_merge"], "observation_end": data["observation_end"],
+        "scaling": data["scaling"], "quantiles": list(QUANTILE_LEVELS),
+        "encoder": twin.model.hparams.encoder["name"], "metrics": metrics,
+        "parity_max_abs": report.max_abs, "source_commit": source_commit(),
+        "checkpoint": str(ckpt),
+    }
+
+
+def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
+                         **triton_options) -> tuple[int, ParityReport]:
+    """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>``."""
+    from fintwin.export.triton_repo import write_model_version
+
+    twin = load_twin(ckpt)
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        report = export_onnx(twin, onnx_path)
+        version = write_model_version(repo, name, onnx_path, export_metadata(twin, ckpt, report),
+                                      device=device, **triton_options)
+    return version, report

@@ -1,0 +1,160 @@
+"""train.py end to end through Hydra's compose API (and as a process for sweeps and DDP)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
+from omegaconf import open_dict
+
+from fintwin.errors import FintwinInputError
+from fintwin.training import register_resolvers, run
+from tests.conftest import make_events
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.early_stopping=null",
+    "data.batch_size=16",
+    "data.cutoff=2024-06-30",
+    "model.encoder.hidden_size=16",
+    "model.n_components=2",
+    "model.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def events_csv(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "events.csv"
+    make_events(n_customers=60, seed=1).to_csv(path, index=False)
+    return str(path)
+
+
+def compose_cfg(out_dir: Path, overrides: list[str]):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def tiny_overrides(events_csv: str, model: str, trainer: str = "cpu") -> list[str]:
+    return [f"model={model}", f"trainer={trainer}", "data=csv", f"data.source={events_csv}", *TINY]
+
+
+@pytest.mark.parametrize("model", ["lstm", "transformer"])
+def test_train_end_to_end(tmp_path, events_csv, model):
+    metrics = run(compose_cfg(tmp_path, tiny_overrides(events_csv, model)))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "test/loss",
+        "test/type_acc",
+        "test/type_nll",
+        "test/time_nll",
+        "test/time_mae",
+        "test/amount_mae",
+        "test/churn_auroc",
+        "test/baseline_population_time_nll",
+    ):
+        assert key in saved and saved[key] == pytest.approx(metrics[key])
+    assert 0 <= saved["test/type_acc"] <= 1 and saved["test/time_mae"] > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert f"name: {model}" in (tmp_path / "config.yaml").read_text()
+
+
+def test_resume_from_last_checkpoint_continues_global_step(tmp_path, events_csv):
+    first = compose_cfg(tmp_path / "a", tiny_overrides(events_csv, "lstm") + ["test=false"])
+    run(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    step_before = torch.load(last, weights_only=True)["global_step"]
+    resumed = compose_cfg(
+        tmp_path / "b",
+        tiny_overrides(events_csv, "lstm")
+        + ["test=false", "trainer.max_epochs=4", f"ckpt_path={last}"],
+    )
+    run(resumed)
+    step_after = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "global_step"
+    ]
+    assert step_before > 0 and step_after == 2 * step_before
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.encoder.hidden_size=-4", "model.encoder.hidden_size"),
+        ("data.horizon_days=0", "data.horizon_days"),
+        ("model.encoder.name=gru", "model.encoder.name"),
+    ],
+)
+def test_bad_config_values_name_the_key(tmp_path, events_csv, override, key):
+    cfg = compose_cfg(tmp_path, tiny_overrides(events_csv, "lstm") + [override])
+    with pytest.raises(FintwinInputError, match=key.replace(".", r"\.")):
+        run(cfg)
+
+
+def test_unknown_model_name_fails_at_compose(tmp_path):
+    with pytest.raises(MissingConfigException, match="model/gru"):
+        compose_cfg(tmp_path, ["model=gru"])
+
+
+def _train_process(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_optuna_two_trial_sweep_writes_summary(tmp_path, events_csv):
+    sweep_dir = tmp_path / "sweep"
+    result = _train_process(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            f"hydra.sweep.dir={sweep_dir}",
+            *tiny_overrides(events_csv, "lstm"),
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (sweep_dir / "sweep_summary.md").read_text()
+    assert "Sweep summary (2 trials)" in summary and "Best parameters" in summary
+    assert (sweep_dir / "trials.csv").read_text().count("\n") == 3
+    assert (sweep_dir / "optimization_results.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes(tmp_path, events_csv):
+    out = tmp_path / "ddp"
+    result = _train_process(
+        [
+            *tiny_overrides(events_csv, "lstm", trainer="ddp"),
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={out}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "world_size=2" in result.stderr
+        or "distributed_backend=gloo" in result.stderr + result.stdout
+    )
+    assert json.loads((out / "metrics.json").read_text())["test/type_acc"] >= 0
