@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -60,7 +62,103 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     summary.set_defaults(handler=_data_summary)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data]
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: str,
+             handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=summary, epilog=f"example: {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fintwin.export.onnx import export_to_repository
+
+    version, report = export_to_repository(
+        args.ckpt, args.repo, args.name, args.device, max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us, instances=args.instances)
+    print(f"exported {args.repo / args.name}/{version}/model.onnx "
+          f"(ONNX parity: worst scaled difference {report.worst:.1e})")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "export", "Export a checkpoint to ONNX (parity-checked) as a new version "
+                      "of a Triton model repository.",
+                      "fintwin export --ckpt outputs/train/runs/X/checkpoints/last.ckpt "
+                      "--repo model_repository --name fintwin", _export)
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
+    parser.add_argument("--repo", type=Path, required=True, help="Triton model repository directory")
+    parser.add_argument("--name", default="fintwin", help="model name in the repository")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance group kind")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-queue-delay-us", type=int, default=100)
+    parser.add_argument("--instances", type=int, default=1, help="model instances per device")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fintwin.serving.server import serve
+
+    return serve(args.repo, args.host, args.http_port, args.grpc_port, args.metrics_port,
+                 intra_op_threads=args.threads)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "serve", "Serve a model repository with the embedded Triton server "
+                      "until SIGINT/SIGTERM.", "fintwin serve --repo model_repository --grpc-port 8001",
+                      _serve)
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per instance")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fintwin.serving.client import TwinClient
+
+    if (args.url is None) == (args.repo is None):
+        raise FintwinInputError("give exactly one of --url HOST:PORT or --repo DIR")
+    client = TwinClient(args.url, args.protocol, args.model, args.version or "", repo=args.repo,
+                        batch_size=args.batch_size, top_k=args.top_k)
+    try:
+        predictions = client.predict(args.events, progress=True)
+    finally:
+        client.close()
+    write_table_atomic(predictions, args.out)
+    print(f"{len(predictions):,} customers scored -> {args.out}")
+    return 0
+
+
+def write_table_atomic(frame, path: Path) -> None:
+    """Write a DataFrame as Parquet (or CSV by extension) via a temporary file + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "predict", "Score customers' events with a served or local twin: one row "
+                      "per customer (top-k next types, time to next event, amount, churn, horizon).",
+                      "fintwin predict --url 127.0.0.1:8001 --model fintwin --events events.csv "
+                      "--out preds.parquet", _predict)
+    parser.add_argument("--url", help="Triton endpoint host:port")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--repo", type=Path, help="model repository: score in process (batch scoring)")
+    parser.add_argument("--model", default="fintwin")
+    parser.add_argument("--version", default="")
+    parser.add_argument("--events", required=True, help="CSV / Parquet file or directory of raw events")
+    parser.add_argument("--out", type=Path, required=True, help="output .parquet or .csv")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=3)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data, _add_export, _add_serve, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fintwin` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     try:
         return args.handler(args)
     except FintwinInputError as err:

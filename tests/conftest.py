@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,3 +28,22 @@ def make_events(n_customers: int = 30, seed: int = 0, start: str = "2024-01-01",
 def events() -> pd.DataFrame:
     """Thirty customers over 200 days from 2024-01-01."""
     return make_events()
+
+
+@pytest.fixture(scope="session")
+def events_csv(tmp_path_factory) -> str:
+    """Sixty customers of events as a CSV file."""
+    path = tmp_path_factory.mktemp("data") / "events.csv"
+    make_events(n_customers=60, seed=1).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, events_csv) -> Path:
+    """A tiny LSTM twin trained for two epochs through train.py's code path."""
+    from fintwin.training import run
+    from tests.test_train import compose_cfg, tiny_overrides
+
+    out = tmp_path_factory.mktemp("run")
+    run(compose_cfg(out, tiny_overrides(events_csv, "lstm")))
+    return out / "checkpoints" / "last.ckpt"

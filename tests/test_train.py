@@ -14,7 +14,6 @@ from omegaconf import open_dict
 
 from fintwin.errors import FintwinInputError
 from fintwin.training import register_resolvers, run
-from tests.conftest import make_events
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -28,13 +27,6 @@ TINY = [
     "model.n_components=2",
     "model.warmup_steps=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def events_csv(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "events.csv"
-    make_events(n_customers=60, seed=1).to_csv(path, index=False)
-    return str(path)
 
 
 def compose_cfg(out_dir: Path, overrides: list[str]):

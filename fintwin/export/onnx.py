@@ -12,6 +12,8 @@ import json
 import logging
 import subprocess
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,19 @@ def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@contextmanager
+def _quiet(*loggers: str):
+    """Silence the exporter's per-pass INFO chatter."""
+    previous = [(name, logging.getLogger(name).level) for name in loggers]
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in previous:
+            logging.getLogger(name).setLevel(level)
+
+
 def check_parity(wrapper: ExportableTwin, onnx_path: Path, seed: int = 0,
                  shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
     """Compare onnxruntime with the PyTorch wrapper on fresh random batches."""
@@ -112,7 +127,9 @@ def export_onnx(twin: TrainedTwin, path: Path, tolerance: float = PARITY_TOLERAN
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         candidate = Path(scratch) / "model.onnx"
-        wrapper.to_onnx(candidate)
+        with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+            warnings.simplefilter("ignore")
+            wrapper.to_onnx(candidate)
         report = check_parity(wrapper, candidate, seed=seed)
         if report.worst > tolerance:
             bad = {k: v for k, v in report.max_scaled.items() if v > tolerance}

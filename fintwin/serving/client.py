@@ -281,7 +281,8 @@ class TwinClient:
     def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = outputs["next_event_probs"]
         names = np.array(["<pad>", "<oov>", *Vocab.from_dict(self.settings["vocab"]).tokens], dtype=object)
-        top = np.argsort(-probs, axis=1)[:, : self.top_k]
+        ranked = np.where(np.arange(probs.shape[1]) == 0, -1.0, probs)  # padding is never a type
+        top = np.argsort(-ranked, axis=1)[:, : min(self.top_k, probs.shape[1] - 1)]
         frame = {"customer_id": customer_ids}
         for k in range(top.shape[1]):
             frame[f"top{k + 1}_type"] = names[top[:, k]]
