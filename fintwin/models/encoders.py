@@ -1,0 +1,392 @@
+"""Causal sequence encoders: ``(B, T)`` event features -> ``(B, T, H)`` hidden states.
+
+Both encoders share one interface:
+
+- ``forward(batch) -> Tensor[B, T, H]``: hidden state after each event; position ``t``
+  depends only on events ``<= t`` (right padding never leaks into real positions).
+- ``prefix_state(batch) -> state``: the carried state after each row's last real event
+  (``length - 1``), including ``state["hidden"]`` (``[B, H]``, the hidden state there).
+- ``step(event, state) -> (hidden[B, H], new_state)``: feed one more event per row
+  (``event`` is a dict of ``[B]`` tensors, ``numeric`` ``[B, F]``) without re-encoding the
+  history.
+- ``expand_state(state, n)``: repeat every row ``n`` times (row ``i`` -> rows
+  ``i*n .. i*n+n-1``), for many Monte Carlo samples per customer.
+
+A state is a ``dict[str, Tensor]`` whose tensors all have the batch on dim 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+SCALING_KEYS = ("amount_mean", "amount_std", "delta_t_mean", "delta_t_std")
+MIN_STD = 1e-6
+
+
+def sequence_mask(length: Tensor, max_len: int) -> Tensor:
+    """``[B, T]`` bool mask, True at real positions ``t < length``."""
+    positions = torch.arange(max_len, device=length.device)
+    return positions.unsqueeze(0) < length.unsqueeze(1)
+
+
+def gather_last(values: Tensor, length: Tensor) -> Tensor:
+    """Values at each row's last real position: ``[B, T, ...] -> [B, ...]``."""
+    index = (length - 1).clamp(min=0).view(-1, 1, *([1] * (values.dim() - 2)))
+    index = index.expand(-1, 1, *values.shape[2:])
+    return values.gather(1, index).squeeze(1)
+
+
+def expand_state(state: State, n: int) -> State:
+    """Repeat each row of a state ``n`` times along the batch (``repeat_interleave``)."""
+    return {key: value.repeat_interleave(n, dim=0) for key, value in state.items()}
+
+
+def event_as_batch(event: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A one-event step (``[B]`` tensors, ``numeric`` ``[B, F]``) as a ``T = 1`` batch."""
+    return {key: value.unsqueeze(1) for key, value in event.items()}
+
+
+def _check_scaling(scaling: Mapping[str, object], n_numeric: int) -> None:
+    missing = [key for key in SCALING_KEYS if key not in scaling]
+    if missing:
+        raise KeyError(f"scaling statistics are missing {missing}; expected keys {SCALING_KEYS}")
+    if n_numeric > 0:
+        for key in ("numeric_mean", "numeric_std"):
+            values = scaling.get(key)
+            if not isinstance(values, Sequence) or len(values) != n_numeric:
+                raise ValueError(
+                    f"scaling[{key!r}] must be a list of {n_numeric} floats (one per numeric "
+                    f"feature), got {values!r}"
+                )
+
+
+class EventEmbedding(nn.Module):
+    """Embeds raw event features into ``dim``-sized vectors.
+
+    Sums: event-type embedding (``padding_idx=0``); calendar embeddings (day of week,
+    day of month, hour); a linear map of the standardised continuous values
+    ``[log1p(amount), log1p(delta_t), numeric extras]``. The scaling statistics are
+    buffers, so the module (and the exported graph) takes raw values.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        scaling: Mapping[str, object],
+        n_numeric: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_scaling(scaling, n_numeric)
+        self.n_numeric = n_numeric
+        self.type_embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.day_of_week_embedding = nn.Embedding(7, dim)
+        self.day_of_month_embedding = nn.Embedding(32, dim)
+        self.hour_embedding = nn.Embedding(24, dim)
+        self.value_projection = nn.Linear(2 + n_numeric, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        log_mean = [float(scaling["amount_mean"]), float(scaling["delta_t_mean"])]
+        log_std = [float(scaling["amount_std"]), float(scaling["delta_t_std"])]
+        self.register_buffer("log_mean", torch.tensor(log_mean))
+        self.register_buffer("log_std", torch.tensor(log_std).clamp(min=MIN_STD))
+        numeric_mean = [float(x) for x in scaling.get("numeric_mean", [])][:n_numeric]
+        numeric_std = [float(x) for x in scaling.get("numeric_std", [])][:n_numeric]
+        self.register_buffer("numeric_mean", torch.tensor(numeric_mean, dtype=torch.float32))
+        self.register_buffer(
+            "numeric_std", torch.tensor(numeric_std, dtype=torch.float32).clamp(min=MIN_STD)
+        )
+
+    def scaled_values(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, 2 + F]`` standardised ``log1p(amount)``, ``log1p(delta_t)``, numeric."""
+        raw = torch.stack([batch["amount"], batch["delta_t"]], dim=-1).float()
+        values = (torch.log1p(raw.clamp(min=0.0)) - self.log_mean) / self.log_std
+        if self.n_numeric == 0:
+            return values
+        numeric = (batch["numeric"].float() - self.numeric_mean) / self.numeric_std
+        return torch.cat([values, numeric], dim=-1)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, dim]`` event embeddings."""
+        x = (
+            self.type_embedding(batch["event_type"])
+            + self.day_of_week_embedding(batch["day_of_week"].clamp(0, 6))
+            + self.day_of_month_embedding(batch["day_of_month"].clamp(0, 31))
+            + self.hour_embedding(batch["hour"].clamp(0, 23))
+            + self.value_projection(self.scaled_values(batch))
+        )
+        return self.dropout(self.norm(x))
+
+
+class LSTMEncoder(nn.Module):
+    """Event embedding followed by a multi-layer unidirectional LSTM.
+
+    The hidden state is the LSTM output plus the event's own embedding (a skip connection:
+    the heads see the current event directly, the LSTM carries the history).
+    State: ``h``, ``c`` ``[B, num_layers, H]`` and ``hidden`` ``[B, H]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        scaling: Mapping[str, object],
+        n_numeric: int = 0,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.lstm = nn.LSTM(
+            hidden_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, H]`` hidden states."""
+        x = self.embedding(batch)
+        output, _ = self.lstm(x)
+        return output + x
+
+    def prefix_state(self, batch: Mapping[str, Tensor]) -> State:
+        """LSTM ``(h, c)`` after each row's last real event (packed, so padding is skipped)."""
+        x = self.embedding(batch)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, batch["length"].cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, (h, c) = self.lstm(packed)
+        hidden = h[-1] + gather_last(x, batch["length"])
+        return {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+
+    def step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
+        """Feed one event per row; O(1) in the history length."""
+        carried = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        x = self.embedding(event_as_batch(event))
+        output, (h, c) = self.lstm(x, carried)
+        hidden = (output + x)[:, 0]
+        return hidden, {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+
+    def expand_state(self, state: State, n: int) -> State:
+        """Repeat each row ``n`` times."""
+        return expand_state(state, n)
+
+
+def sinusoidal_features(values: Tensor, dim: int, max_period: float) -> Tensor:
+    """``[..., dim]`` sin/cos features of ``values`` with periods from 2*pi up to ``max_period``."""
+    half = dim // 2
+    exponent = torch.arange(half, device=values.device, dtype=torch.float32) / half
+    frequencies = torch.exp(-math.log(max_period) * exponent)
+    angles = values.float().unsqueeze(-1) * frequencies
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def elapsed_days(batch: Mapping[str, Tensor]) -> Tensor:
+    """``[B, T]`` days since the sequence's first event (cumulative ``delta_t``)."""
+    return torch.cumsum(batch["delta_t"].float().clamp(min=0.0), dim=1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention via ``F.scaled_dot_product_attention``.
+
+    ``forward`` is causal over the whole sequence and also returns keys/values ``[B, nh, T,
+    hd]`` for a cache; ``attend_cached`` attends one new query to a cache plus itself.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, T, dim] -> 3 x [B, nh, T, hd]``."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        """``[B, nh, T, hd] -> [B, T, dim]`` through the output projection."""
+        return self.out(y.transpose(1, 2).flatten(2))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self._split(x)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return self._merge(y), k, v
+
+    def attend_cached(
+        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One new position ``x`` ``[B, 1, dim]`` attending to valid cache slots and itself.
+
+        Returns the output and the cache with the new key/value appended (slot ``S``).
+        """
+        q, k, v = self._split(x)
+        k_all = torch.cat([k_cache, k], dim=2)
+        v_all = torch.cat([v_cache, v], dim=2)
+        mask = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self._merge(y), k_all, v_all
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ff_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, ff_mult * dim),
+            nn.GELU(),
+            nn.Linear(ff_mult * dim, dim),
+            nn.Dropout(dropout),
+        )
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        y, k, v = self.attn(self.attn_norm(x))
+        x = x + self.resid_dropout(y)
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
+    def step(
+        self, x: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, k, v = self.attn.attend_cached(self.attn_norm(x), k_cache, v_cache, valid)
+        x = x + self.resid_dropout(y)
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
+
+class TransformerEncoder(nn.Module):
+    """Causal pre-norm transformer over event embeddings.
+
+    Input = event embedding + sinusoidal position (index of the event in the sequence) +
+    a learned projection of sinusoidal features of elapsed time (days since the first event
+    of the sequence, the cumulative sum of ``delta_t``); ``log1p(delta_t)`` itself is in the
+    event embedding.
+
+    State: ``k``, ``v`` ``[B, num_layers, nh, S, hd]`` key/value cache; ``valid`` ``[B, S]``
+    (cache slots that hold real events: slots past a row's length in the prefix are
+    padding and masked); ``position`` ``[B]`` (index of the next event); ``elapsed`` ``[B]``
+    (elapsed days at the last event); ``hidden`` ``[B, H]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        scaling: Mapping[str, object],
+        n_numeric: int = 0,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ff_mult: int = 4,
+        dropout: float = 0.1,
+        time_features: int = 32,
+        max_period_days: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if hidden_size % 2 or time_features % 2:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) and time_features ({time_features}) must be even "
+                "(sin/cos pairs)"
+            )
+        self.hidden_size = hidden_size
+        self.time_features = time_features
+        self.max_period_days = max_period_days
+        self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.time_projection = nn.Linear(time_features, hidden_size)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hidden_size, num_heads, ff_mult, dropout) for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden_size)
+
+    def _input(self, batch: Mapping[str, Tensor], position: Tensor, elapsed: Tensor) -> Tensor:
+        """Embedding plus positional and elapsed-time encodings, ``[B, T, H]``."""
+        position_code = sinusoidal_features(position, self.hidden_size, 10000.0)
+        time_code = sinusoidal_features(elapsed, self.time_features, self.max_period_days)
+        return self.embedding(batch) + position_code + self.time_projection(time_code)
+
+    def _encode(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        event_type = batch["event_type"]
+        position = torch.arange(event_type.shape[1], device=event_type.device)
+        position = position.unsqueeze(0).expand_as(event_type)
+        x = self._input(batch, position, elapsed_days(batch))
+        keys, values = [], []
+        for block in self.blocks:
+            x, k, v = block(x)
+            keys.append(k)
+            values.append(v)
+        return self.final_norm(x), keys, values
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, H]`` hidden states."""
+        return self._encode(batch)[0]
+
+    def prefix_state(self, batch: Mapping[str, Tensor]) -> State:
+        """Key/value cache of the whole (padded) batch, with slots past each length masked."""
+        hidden, keys, values = self._encode(batch)
+        length = batch["length"]
+        return {
+            "k": torch.stack(keys, dim=1),
+            "v": torch.stack(values, dim=1),
+            "valid": sequence_mask(length, hidden.shape[1]),
+            "position": length.clone(),
+            "elapsed": gather_last(elapsed_days(batch), length),
+            "hidden": gather_last(hidden, length),
+        }
+
+    def step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
+        """Feed one event per row; attention over the cache only (no re-encoding)."""
+        elapsed = state["elapsed"] + event["delta_t"].float().clamp(min=0.0)
+        x = self._input(event_as_batch(event), state["position"][:, None], elapsed[:, None])
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.step(x, state["k"][:, i], state["v"][:, i], state["valid"])
+            keys.append(k)
+            values.append(v)
+        hidden = self.final_norm(x)[:, 0]
+        valid = state["valid"]
+        new_state = {
+            "k": torch.stack(keys, dim=1),
+            "v": torch.stack(values, dim=1),
+            "valid": torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1),
+            "position": state["position"] + 1,
+            "elapsed": elapsed,
+            "hidden": hidden,
+        }
+        return hidden, new_state
+
+    def expand_state(self, state: State, n: int) -> State:
+        """Repeat each row ``n`` times."""
+        return expand_state(state, n)
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"lstm": LSTMEncoder, "transformer": TransformerEncoder}
+
+
+def build_encoder(
+    name: str,
+    vocab_size: int,
+    scaling: Mapping[str, object],
+    n_numeric: int = 0,
+    **kwargs: object,
+) -> nn.Module:
+    """Build an encoder by name (``lstm`` | ``transformer``) with architecture ``kwargs``."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+    return ENCODERS[name](vocab_size=vocab_size, scaling=scaling, n_numeric=n_numeric, **kwargs)

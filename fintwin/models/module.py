@@ -1,0 +1,538 @@
+"""LightningModule for customer twins: encoder + heads, losses, metrics, serving outputs.
+
+Loss (weights from ``loss_weights``; all NLL terms are normalised per observed next event,
+i.e. divided by the number of positions with an observed next event in the batch, so the
+type, time and amount terms are on the same per-event scale as the joint ``event_nll``):
+
+- ``type``: -log p(next type), observed next events only.
+- ``time``: -(sum of log p(gap) over observed gaps, dormancy included, + sum of censored
+  log-survival terms at each row's last event) / number of observed next events.
+- ``amount``: -log p(next amount | true next type), observed next events only.
+- ``churn``: binary cross-entropy on ``churn_label`` where ``churn_mask``.
+- ``horizon``: Poisson NLL of ``horizon_count`` + Tweedie (power 1.5) deviance of
+  ``horizon_spend`` measured in units of a typical amount, both where ``horizon_mask``.
+  Tweedie handles the point mass at zero spend and the heavy right tail, and its log-link
+  output is the expected spend itself (no retransformation bias as with MSE on log1p).
+
+Logged per stage (``train`` | ``val`` | ``test``): ``{stage}/loss`` and
+``{stage}/loss_{type,time,amount,churn,horizon_count,horizon_spend}`` (unweighted), and
+the epoch-level torchmetrics ``{stage}/{name}``:
+
+- ``type_acc``, ``type_acc5``: top-1 / top-5 accuracy of the next type.
+- ``type_nll``, ``time_nll``, ``amount_nll``, ``event_nll``: summed over the epoch, then
+  divided by the number of observed next events (not a mean of batch means).
+  ``time_nll`` includes the censored survival terms in its numerator;
+  ``event_nll = type_nll + time_nll + amount_nll``, the same terms a simulator oracle
+  scores (see ``per_event_log_likelihood``).
+- ``time_mae``: |E[gap | return] - observed gap| in days, observed next events.
+- ``amount_mae``: |expected next amount (marginal over the type, as served) - observed
+  amount|, observed next events.
+- ``churn_auroc``: AUROC of ``churn_prob`` where ``churn_mask`` (binned at 200 thresholds,
+  constant memory).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import onnx
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+
+from fintwin.models.encoders import build_encoder, gather_last, sequence_mask
+from fintwin.models.heads import (
+    AmountDistribution,
+    AmountHead,
+    ChurnHead,
+    GapDistribution,
+    HorizonHead,
+    HorizonPrediction,
+    TimeHead,
+    TypeHead,
+    gumbel_argmax,
+)
+
+LOSS_TERMS = ("type", "time", "amount", "churn", "horizon")
+QUANTILE_LEVELS = (0.1, 0.5, 0.9)
+INPUT_NAMES = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour", "length")
+OUTPUT_NAMES = (
+    "next_event_probs",
+    "next_time_mean",
+    "next_time_quantiles",
+    "dormant_prob",
+    "next_amount_mean",
+    "churn_prob",
+    "horizon_count",
+    "horizon_spend",
+)
+AUROC_THRESHOLDS = 200
+
+
+def to_plain(value: object) -> object:
+    """Recursively turn config containers / numpy / tensor values into plain Python.
+
+    Hyperparameters must be plain so checkpoints load with ``weights_only=True``.
+    """
+    if isinstance(value, Mapping):
+        return {str(key): to_plain(item) for key, item in value.items()}
+    if isinstance(value, str | bytes):
+        return value
+    if isinstance(value, Sequence):
+        return [to_plain(item) for item in value]
+    if hasattr(value, "tolist"):
+        return to_plain(value.tolist())
+    return value
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask``; 0 when the mask is empty."""
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: float) -> float:
+    """Learning-rate factor: linear warmup, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps):
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RatioMetric(torchmetrics.Metric):
+    """Sum of numerators over sum of denominators across batches (and processes)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("numerator", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("denominator", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, numerator: Tensor, denominator: Tensor) -> None:
+        self.numerator += numerator.detach().float().sum()
+        self.denominator += denominator.detach().float().sum()
+
+    def compute(self) -> Tensor:
+        return self.numerator / self.denominator
+
+
+def build_metrics(vocab_size: int) -> nn.ModuleDict:
+    """The torchmetrics logged per stage (names are the logged names after ``stage/``)."""
+    return nn.ModuleDict(
+        {
+            "type_acc": MulticlassAccuracy(vocab_size, top_k=1, average="micro"),
+            "type_acc5": MulticlassAccuracy(vocab_size, top_k=min(5, vocab_size), average="micro"),
+            "type_nll": RatioMetric(),
+            "time_nll": RatioMetric(),
+            "time_mae": torchmetrics.MeanAbsoluteError(),
+            "amount_nll": RatioMetric(),
+            "amount_mae": torchmetrics.MeanAbsoluteError(),
+            "event_nll": RatioMetric(),
+            "churn_auroc": BinaryAUROC(thresholds=AUROC_THRESHOLDS),
+        }
+    )
+
+
+@dataclass
+class HeadOutputs:
+    """All head outputs for hidden states ``[..., H]``."""
+
+    type_logits: Tensor
+    gap: GapDistribution
+    amount: AmountDistribution
+    churn_logit: Tensor
+    horizon: HorizonPrediction
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Sample the next event: ``event_type``, ``gap`` (days), ``dormant``, ``amount``."""
+        event_type = gumbel_argmax(self.type_logits, generator)
+        gap, dormant = self.gap.sample(generator)
+        amount = self.amount.sample(event_type, generator)
+        return {"event_type": event_type, "gap": gap, "dormant": dormant, "amount": amount}
+
+
+class TwinModule(pl.LightningModule):
+    """Customer twin: causal encoder + next-event, churn and horizon heads.
+
+    Args:
+        encoder: ``{"name": "lstm" | "transformer", **architecture kwargs}`` (see
+            ``fintwin.models.encoders``); built here with the vocabulary and scaling.
+        vocab_size: number of event-type ids, padding (0) and OOV (1) included.
+        scaling: scaling statistics fitted on calibration data (see the batch contract).
+        horizon_days: horizon of the churn and horizon targets (stored for metadata).
+        n_numeric: number of extra numeric features ``F``.
+        n_components: log-normal mixture components of the time head.
+        loss_weights: weights of ``type, time, amount, churn, horizon`` (default 1 each).
+        lr, weight_decay, warmup_steps: AdamW with linear warmup and cosine decay over
+            ``trainer.estimated_stepping_batches``.
+        compile: ``torch.compile`` the encoder for training.
+    """
+
+    def __init__(
+        self,
+        encoder: Mapping[str, object],
+        vocab_size: int,
+        scaling: Mapping[str, object],
+        horizon_days: float = 90.0,
+        n_numeric: int = 0,
+        n_components: int = 8,
+        loss_weights: Mapping[str, float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        compile: bool = False,
+    ) -> None:
+        encoder = to_plain(encoder)
+        scaling = to_plain(scaling)
+        loss_weights = {term: 1.0 for term in LOSS_TERMS} | to_plain(loss_weights or {})
+        unknown = sorted(set(loss_weights) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss_weights {unknown}; expected keys from {LOSS_TERMS}")
+        if "name" not in encoder:
+            raise ValueError("encoder config needs a 'name' (lstm | transformer)")
+        super().__init__()
+        self.save_hyperparameters()
+        encoder_kwargs = {key: value for key, value in encoder.items() if key != "name"}
+        self.encoder = build_encoder(
+            encoder["name"], vocab_size, scaling, n_numeric=n_numeric, **encoder_kwargs
+        )
+        hidden = self.encoder.hidden_size
+        self.type_head = TypeHead(hidden, vocab_size)
+        self.time_head = TimeHead(hidden, n_components, loc_offset=scaling["delta_t_mean"])
+        self.amount_head = AmountHead(hidden, vocab_size, loc_offset=scaling["amount_mean"])
+        self.churn_head = ChurnHead(hidden)
+        self.horizon_head = HorizonHead(hidden, spend_unit=math.exp(scaling["amount_mean"]))
+        self.register_buffer("quantile_levels", torch.tensor(QUANTILE_LEVELS), persistent=False)
+        self.train_metrics = build_metrics(vocab_size)
+        self.val_metrics = build_metrics(vocab_size)
+        self.test_metrics = build_metrics(vocab_size)
+
+    # ----------------------------------------------------------------- model
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, H]`` hidden states."""
+        return self.encoder(batch)
+
+    def head_outputs(self, hidden: Tensor) -> HeadOutputs:
+        """Every head applied to hidden states ``[..., H]`` (e.g. ``state["hidden"]``)."""
+        return HeadOutputs(
+            type_logits=self.type_head(hidden),
+            gap=self.time_head(hidden),
+            amount=self.amount_head(hidden),
+            churn_logit=self.churn_head(hidden),
+            horizon=self.horizon_head(hidden),
+        )
+
+    def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-customer serving outputs at each row's last real event (export friendly)."""
+        out = self.head_outputs(gather_last(self(batch), batch["length"]))
+        probs = torch.softmax(out.type_logits, dim=-1)
+        return {
+            "next_event_probs": probs,
+            "next_time_mean": out.gap.mean(),
+            "next_time_quantiles": out.gap.quantiles(self.quantile_levels),
+            "dormant_prob": out.gap.dormant_prob,
+            "next_amount_mean": out.amount.marginal_mean(probs),
+            "churn_prob": torch.sigmoid(out.churn_logit),
+            "horizon_count": out.horizon.count,
+            "horizon_spend": out.horizon.spend,
+        }
+
+    # ------------------------------------------------------------ likelihood
+    def _log_likelihood(self, batch: Mapping[str, Tensor], out: HeadOutputs) -> dict[str, Tensor]:
+        valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
+        censored = batch["gap_censored"] & valid
+        observed = valid & ~censored & (batch["next_type"] > 0)
+        next_type = batch["next_type"].clamp(min=1)
+        type_ll = torch.log_softmax(out.type_logits, dim=-1).gather(-1, next_type[..., None])
+        zero = out.type_logits.new_zeros(observed.shape)
+        return {
+            "type": torch.where(observed, type_ll.squeeze(-1), zero),
+            "gap": torch.where(observed, out.gap.log_prob(batch["next_gap"]), zero),
+            "amount": torch.where(
+                observed, out.amount.log_prob(batch["next_amount"], next_type), zero
+            ),
+            "censored": torch.where(censored, out.gap.log_survival(batch["next_gap"]), zero),
+            "observed": observed,
+            "censored_mask": censored,
+        }
+
+    def per_event_log_likelihood(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``[B, T]`` log-likelihood terms, zero where their mask is False.
+
+        ``type``, ``gap`` (dormancy included) and ``amount`` (given the true type) at
+        ``observed`` positions; ``censored`` (log survival of the censored elapsed time) at
+        ``censored_mask`` positions. The joint event NLL is ``-(type + gap + amount +
+        censored).sum() / observed.sum()``.
+        """
+        return self._log_likelihood(batch, self.head_outputs(self(batch)))
+
+    # ------------------------------------------------------------------ loss
+    def _losses(
+        self, batch: Mapping[str, Tensor], out: HeadOutputs, ll: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        n_observed = ll["observed"].sum().clamp(min=1)
+        valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
+        churn_mask = batch["churn_mask"] & valid
+        horizon_mask = batch["horizon_mask"] & valid
+        churn = F.binary_cross_entropy_with_logits(
+            out.churn_logit, batch["churn_label"].float(), reduction="none"
+        )
+        count_nll, spend_deviance = self.horizon_head.losses(
+            out.horizon, batch["horizon_count"], batch["horizon_spend"]
+        )
+        return {
+            "type": -ll["type"].sum() / n_observed,
+            "time": -(ll["gap"].sum() + ll["censored"].sum()) / n_observed,
+            "amount": -ll["amount"].sum() / n_observed,
+            "churn": masked_mean(churn, churn_mask),
+            "horizon_count": masked_mean(count_nll, horizon_mask),
+            "horizon_spend": masked_mean(spend_deviance, horizon_mask),
+        }
+
+    def _total_loss(self, losses: dict[str, Tensor]) -> Tensor:
+        weights = self.hparams.loss_weights
+        horizon = losses["horizon_count"] + losses["horizon_spend"]
+        return (
+            weights["type"] * losses["type"]
+            + weights["time"] * losses["time"]
+            + weights["amount"] * losses["amount"]
+            + weights["churn"] * losses["churn"]
+            + weights["horizon"] * horizon
+        )
+
+    def _update_metrics(
+        self,
+        metrics: nn.ModuleDict,
+        batch: Mapping[str, Tensor],
+        out: HeadOutputs,
+        ll: dict[str, Tensor],
+    ) -> None:
+        observed = ll["observed"]
+        n_observed = observed.sum()
+        logits = out.type_logits[observed].detach()
+        if logits.shape[0] > 0:  # a batch of single-event customers has no next event
+            metrics["type_acc"].update(logits, batch["next_type"][observed])
+            metrics["type_acc5"].update(logits, batch["next_type"][observed])
+            metrics["time_mae"].update(
+                out.gap.mean()[observed].detach(), batch["next_gap"][observed]
+            )
+            amount_mean = out.amount.marginal_mean(torch.softmax(out.type_logits, dim=-1))
+            metrics["amount_mae"].update(
+                amount_mean[observed].detach(), batch["next_amount"][observed]
+            )
+        metrics["type_nll"].update(-ll["type"].sum(), n_observed)
+        metrics["time_nll"].update(-(ll["gap"].sum() + ll["censored"].sum()), n_observed)
+        metrics["amount_nll"].update(-ll["amount"].sum(), n_observed)
+        event_ll = ll["type"] + ll["gap"] + ll["amount"] + ll["censored"]
+        metrics["event_nll"].update(-event_ll.sum(), n_observed)
+        churn_mask = batch["churn_mask"] & sequence_mask(batch["length"], observed.shape[1])
+        metrics["churn_auroc"].update(
+            torch.sigmoid(out.churn_logit[churn_mask]).detach(),
+            batch["churn_label"][churn_mask].long(),
+        )
+
+    def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        out = self.head_outputs(self(batch))
+        ll = self._log_likelihood(batch, out)
+        losses = self._losses(batch, out, ll)
+        loss = self._total_loss(losses)
+        batch_size = batch["event_type"].shape[0]
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=sync,
+        )
+        for name, value in losses.items():
+            self.log(
+                f"{stage}/loss_{name}",
+                value,
+                on_step=on_step,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=sync,
+            )
+        metrics = getattr(self, f"{stage}_metrics")
+        self._update_metrics(metrics, batch, out, ll)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.predict_last(batch)
+
+    # ------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.compile:
+            self.encoder.compile()
+
+    def configure_optimizers(self) -> dict[str, object]:
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=max(1, self.hparams.warmup_steps),
+            total_steps=float(self.trainer.estimated_stepping_batches),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class ExportableTwin(nn.Module):
+    """ONNX-exportable wrapper: named raw input tensors -> ``OUTPUT_NAMES`` tuple.
+
+    Inputs follow the model contract; ``numeric`` ``[B, T, F]`` is passed only when the
+    model has ``F > 0`` numeric features.
+    """
+
+    def __init__(self, twin: TwinModule) -> None:
+        super().__init__()
+        self.twin = twin
+        self.n_numeric = twin.hparams.n_numeric
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(INPUT_NAMES) + (["numeric"] if self.n_numeric > 0 else [])
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUT_NAMES)
+
+    def forward(
+        self,
+        event_type: Tensor,
+        amount: Tensor,
+        delta_t: Tensor,
+        day_of_week: Tensor,
+        day_of_month: Tensor,
+        hour: Tensor,
+        length: Tensor,
+        numeric: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        batch = {
+            "event_type": event_type,
+            "amount": amount,
+            "delta_t": delta_t,
+            "day_of_week": day_of_week,
+            "day_of_month": day_of_month,
+            "hour": hour,
+            "length": length,
+        }
+        if numeric is not None:
+            batch["numeric"] = numeric
+        outputs = self.twin.predict_last(batch)
+        return tuple(outputs[name] for name in OUTPUT_NAMES)
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> tuple[Tensor, ...]:
+        """Random valid inputs in ``input_names`` order (all rows full length)."""
+        shape = (batch_size, seq_len)
+        vocab_size = self.twin.hparams.vocab_size
+        inputs = [
+            torch.randint(1, vocab_size, shape),
+            torch.rand(shape) * 100.0,
+            torch.rand(shape) * 30.0,
+            torch.randint(0, 7, shape),
+            torch.randint(1, 32, shape),
+            torch.randint(0, 24, shape),
+            torch.full((batch_size,), seq_len, dtype=torch.int64),
+        ]
+        if self.n_numeric > 0:
+            inputs.append(torch.randn(batch_size, seq_len, self.n_numeric))
+        return tuple(inputs)
+
+    def dynamic_shapes(self) -> dict[str, dict[int, object]]:
+        """``dynamic_shapes`` for ``torch.onnx.export(..., dynamo=True)``: batch and sequence."""
+        batch = torch.export.Dim("batch", min=1)
+        seq = torch.export.Dim("seq", min=1)
+        shapes: dict[str, dict[int, object]] = {
+            name: {0: batch, 1: seq} for name in INPUT_NAMES if name != "length"
+        }
+        shapes["length"] = {0: batch}
+        if self.n_numeric > 0:
+            shapes["numeric"] = {0: batch, 1: seq}
+        return shapes
+
+    def to_onnx(self, path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
+        """Export with ``torch.onnx.export(dynamo=True)``; dynamic batch and sequence axes.
+
+        Writes a single file (no external data) when ``path`` is given. Raises
+        ``RuntimeError`` if the exporter fixed an axis to the example size (it does that
+        silently when it cannot keep an axis dynamic).
+        """
+        self.eval()
+        _clear_lstm_dispatch_cache()
+        program = torch.onnx.export(
+            self,
+            self.example_inputs(batch_size=3, seq_len=7),
+            dynamic_shapes=self.dynamic_shapes(),
+            input_names=self.input_names,
+            output_names=self.output_names,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        model = program.model_proto
+        _check_dynamic_axes(model)
+        if path is not None:
+            program.save(os.fspath(path), external_data=False)
+        return model
+
+
+def _clear_lstm_dispatch_cache() -> None:
+    """Let the exporter's dynamic-length LSTM decomposition take effect.
+
+    ``torch.onnx.export`` temporarily registers a ``while_loop`` decomposition of
+    ``aten.lstm`` as a Python kernel but does not clear the operator's dispatch cache. Once
+    an LSTM has run in the process, the cached unrolled decomposition wins, the sequence
+    axis gets specialised and the exporter silently falls back to the example length.
+    """
+    cache = getattr(torch.ops.aten.lstm.input, "_dispatch_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+def _check_dynamic_axes(model: onnx.ModelProto) -> None:
+    """Every model input must keep symbolic batch (and sequence) axes."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        axes = dims[:1] if value.name == "length" else dims[:2]
+        fixed = [axis.dim_value for axis in axes if not axis.dim_param]
+        if fixed:
+            raise RuntimeError(
+                f"ONNX export fixed input {value.name!r} to size {fixed}; batch and sequence "
+                "axes must stay dynamic"
+            )

@@ -1,0 +1,127 @@
+"""Encoders: causality, padding invariance, stepping from a carried state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fintwin.models.encoders import build_encoder, gather_last
+
+N_NUMERIC = 2
+SEQUENCE_KEYS = (
+    "event_type",
+    "amount",
+    "delta_t",
+    "day_of_week",
+    "day_of_month",
+    "hour",
+    "numeric",
+)
+
+
+@pytest.fixture
+def encoder(make_module, encoder_config):
+    """A tiny encoder of each kind (parametrised), with two numeric features."""
+    return make_module(encoder_config, n_numeric=N_NUMERIC).encoder
+
+
+def _scramble_after(batch: dict, position: int, seed: int) -> dict:
+    """A copy of ``batch`` with every input after ``position`` replaced by other values."""
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    for key in SEQUENCE_KEYS:
+        value = batch[key].clone()
+        tail = value[:, position + 1 :]
+        if value.dtype == torch.int64:
+            high = 6 if key == "day_of_week" else 5
+            tail.copy_(torch.randint(0, high, tail.shape, generator=generator) + 1)
+        else:
+            tail.copy_(torch.rand(tail.shape, generator=generator) * 50.0)
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def test_outputs_are_causal(encoder, make_batch):
+    batch = make_batch([8, 8, 8], n_numeric=N_NUMERIC, seed=1)
+    hidden = encoder(batch)
+    for position in (0, 3, 6):
+        changed = encoder(_scramble_after(batch, position, seed=position))
+        torch.testing.assert_close(
+            changed[:, : position + 1], hidden[:, : position + 1], atol=1e-6, rtol=0
+        )
+        assert not torch.allclose(changed[:, position + 1 :], hidden[:, position + 1 :])
+
+
+@torch.no_grad()
+def test_padding_does_not_change_real_positions(encoder, make_batch):
+    lengths = [5, 2, 7]
+    short = make_batch(lengths, max_len=7, n_numeric=N_NUMERIC, seed=2)
+    long = make_batch(lengths, max_len=12, n_numeric=N_NUMERIC, seed=2)
+    for b, n in enumerate(lengths):  # junk in the padding of the longer batch
+        for key in SEQUENCE_KEYS:
+            long[key][b, n:] = 3
+    hidden_short, hidden_long = encoder(short), encoder(long)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(hidden_long[b, :n], hidden_short[b, :n], atol=1e-6, rtol=0)
+
+
+def _event_at(batch: dict, position: torch.Tensor) -> dict:
+    """Per-row event at ``position`` (``[B]``) as a dict of ``[B]`` tensors (``[B, F]``)."""
+    rows = torch.arange(position.shape[0])
+    return {key: batch[key][rows, position] for key in SEQUENCE_KEYS}
+
+
+@torch.no_grad()
+def test_prefix_state_then_steps_match_full_pass(encoder, make_batch):
+    batch = make_batch([7, 3, 5, 1, 6], n_numeric=N_NUMERIC, seed=3)
+    full = encoder(batch)
+    full_length = batch["length"]
+    prefix_length = torch.tensor([4, 1, 2, 1, 6])
+    # The prefix batch still holds the later events beyond each row's (shorter) length.
+    state = encoder.prefix_state({**batch, "length": prefix_length})
+    torch.testing.assert_close(state["hidden"], gather_last(full, prefix_length), atol=1e-5, rtol=0)
+    compared = 0
+    for step in range(int((full_length - prefix_length).max())):
+        position = prefix_length + step
+        hidden, state = encoder.step(_event_at(batch, position.clamp(max=6)), state)
+        real = position < full_length
+        expected = full[torch.arange(5), position.clamp(max=6)]
+        torch.testing.assert_close(hidden[real], expected[real], atol=1e-5, rtol=0)
+        compared += int(real.sum())
+    assert compared == int((full_length - prefix_length).sum()) == 8
+
+
+@torch.no_grad()
+def test_expand_state_repeats_each_customer(encoder, make_batch):
+    batch = make_batch([4, 2], n_numeric=N_NUMERIC, seed=4)
+    state = encoder.prefix_state(batch)
+    expanded = encoder.expand_state(state, 3)
+    event = _event_at(batch, torch.tensor([1, 1]))
+    hidden, _ = encoder.step(event, state)
+    hidden_expanded, new_state = encoder.step(
+        {key: value.repeat_interleave(3, dim=0) for key, value in event.items()}, expanded
+    )
+    assert all(value.shape[0] == 6 for value in new_state.values())
+    torch.testing.assert_close(hidden_expanded, hidden.repeat_interleave(3, dim=0))
+
+
+@torch.no_grad()
+def test_raw_amounts_are_standardised_with_stored_statistics(make_module, make_batch):
+    """The model takes raw values and standardises them with the stored statistics."""
+    encoder = make_module({"name": "lstm", "hidden_size": 8}, n_numeric=N_NUMERIC).encoder
+    batch = make_batch([3], n_numeric=N_NUMERIC, seed=5)
+    values = encoder.embedding.scaled_values(batch)[0, :3]
+    amount = batch["amount"][0, :3]
+    torch.testing.assert_close(values[:, 0], (torch.log1p(amount) - 3.0) / 1.2)
+    torch.testing.assert_close(values[:, 2], (batch["numeric"][0, :3, 0] - 0.5) / 2.0)
+
+
+def test_missing_scaling_statistics_are_named():
+    with pytest.raises(KeyError, match="delta_t_std"):
+        build_encoder("lstm", 5, {"amount_mean": 0, "amount_std": 1, "delta_t_mean": 0})
+    scaling = {"amount_mean": 0, "amount_std": 1, "delta_t_mean": 0, "delta_t_std": 1}
+    with pytest.raises(ValueError, match="numeric_mean"):
+        build_encoder("lstm", 5, scaling, n_numeric=2)
+    with pytest.raises(ValueError, match="unknown encoder 'gru'"):
+        build_encoder("gru", 5, scaling)

@@ -1,0 +1,148 @@
+"""Heads: the distributions are normalised and their summaries agree with sampling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+from fintwin.models.heads import (
+    AmountDistribution,
+    GapDistribution,
+    TypeHead,
+    poisson_nll,
+    tweedie_deviance,
+)
+
+
+@pytest.fixture
+def gap() -> GapDistribution:
+    """Three rows of a 3-component log-normal mixture with different dormancy."""
+    return GapDistribution(
+        log_weights=torch.log_softmax(
+            torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), -1
+        ),
+        loc=torch.tensor([[0.0, 2.0, 4.0], [1.0, 1.5, 3.0], [-1.0, 0.5, 2.5]]),
+        log_scale=torch.tensor([[-0.5, 0.0, -1.0], [-0.2, -0.7, 0.1], [0.0, -0.3, -0.5]]),
+        dormant_logit=torch.tensor([-2.0, 0.0, 1.5]),
+    )
+
+
+@pytest.fixture
+def amount() -> AmountDistribution:
+    """Two rows over a vocabulary of three types."""
+    return AmountDistribution(
+        zero_logit=torch.tensor([[0.0, -1.0, 2.0], [1.0, -3.0, 0.5]]),
+        loc=torch.tensor([[3.0, 1.0, 0.0], [2.0, 4.0, 1.5]]),
+        log_scale=torch.tensor([[-0.5, 0.0, -1.0], [-0.2, -0.7, -0.4]]),
+    )
+
+
+def _apply(distribution, fn):
+    """The same distribution type with ``fn`` applied to every parameter tensor."""
+    return type(distribution)(*(fn(getattr(distribution, f.name)) for f in fields(distribution)))
+
+
+def _integrate_over_log_gap(density_fn, low: float = -20.0, high: float = 20.0) -> torch.Tensor:
+    """Trapezoid integral of a density in days, written as an integral over log(gap)."""
+    log_gap = torch.linspace(low, high, 40001, dtype=torch.float64)
+    gap = log_gap.exp()
+    integrand = density_fn(gap.float().unsqueeze(-1).expand(-1, 3).contiguous()).double()
+    return torch.trapezoid(integrand * gap.unsqueeze(-1), log_gap, dim=0)
+
+
+def test_gap_density_integrates_to_one_minus_dormancy(gap):
+    expanded = _apply(gap, lambda t: t.unsqueeze(0))
+    total = _integrate_over_log_gap(lambda g: expanded.log_prob(g).exp())
+    torch.testing.assert_close(total.float(), 1.0 - gap.dormant_prob, atol=1e-4, rtol=0)
+
+
+def test_censored_survival_is_dormancy_plus_unobserved_tail(gap):
+    elapsed = torch.tensor([0.5, 4.0, 30.0])
+    expected = gap.dormant_prob + (1 - gap.dormant_prob) * (1 - gap.cdf_given_return(elapsed))
+    torch.testing.assert_close(gap.log_survival(elapsed).exp(), expected, atol=1e-6, rtol=0)
+    # Nothing can have happened within a vanishing elapsed time (gaps are clamped to 1e-3 d).
+    tiny = gap.log_survival(torch.full((3,), 1e-6))
+    torch.testing.assert_close(tiny, torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_quantiles_invert_the_cdf_and_match_sampling(gap):
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    quantiles = gap.quantiles(levels)
+    assert quantiles.shape == (3, 3)
+    assert torch.all(quantiles[:, 1:] > quantiles[:, :-1])
+    cdf = gap.cdf_given_return(quantiles.T.contiguous()).T
+    torch.testing.assert_close(cdf, levels.expand(3, 3), atol=1e-5, rtol=0)
+    n = 40000
+    expanded = _apply(gap, lambda t: t.expand(n, *t.shape))
+    samples, _ = expanded.sample(torch.Generator().manual_seed(0))
+    below = (samples.unsqueeze(-1) <= quantiles).float().mean(0)
+    torch.testing.assert_close(below, levels.expand(3, 3), atol=0.01, rtol=0)
+
+
+def test_mean_and_dormancy_match_monte_carlo(gap):
+    n = 200000
+    expanded = _apply(gap, lambda t: t.expand(n, *t.shape))
+    samples, dormant = expanded.sample(torch.Generator().manual_seed(1))
+    torch.testing.assert_close(samples.mean(0), gap.mean(), rtol=0.03, atol=0)
+    torch.testing.assert_close(dormant.float().mean(0), gap.dormant_prob, atol=0.005, rtol=0)
+
+
+def test_amount_distribution_is_normalised_per_type(amount):
+    """Zero mass + integral of the positive density = 1 for every row and every type."""
+    grid = 40001
+    event_type = torch.arange(3).expand(grid, 2, 3)  # [G, row, type]
+    per_point = _apply(amount, lambda t: t[None, :, None, :].expand(grid, 2, 3, 3))
+    log_grid = torch.linspace(-25.0, 25.0, grid, dtype=torch.float64)
+    values = log_grid.exp().float()[:, None, None].expand(grid, 2, 3)
+    density = per_point.log_prob(values, event_type).exp().double()
+    continuous = torch.trapezoid(density * log_grid.exp()[:, None, None], log_grid, dim=0)
+    zero_mass = per_point.log_prob(torch.zeros(grid, 2, 3), event_type)[0].exp()
+    torch.testing.assert_close(
+        (continuous + zero_mass.double()).float(), torch.ones(2, 3), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(zero_mass, torch.sigmoid(amount.zero_logit))
+
+
+def test_amount_mean_and_marginal_match_monte_carlo(amount):
+    n = 200000
+    event_type = torch.tensor([0, 1, 2]).repeat(n // 3 + 1)[:n]
+    rows = _apply(amount, lambda t: t[0].expand(n, 3))
+    samples = rows.sample(event_type, torch.Generator().manual_seed(2))
+    per_type = torch.stack([samples[event_type == k].mean() for k in range(3)])
+    torch.testing.assert_close(per_type, amount.mean()[0], rtol=0.03, atol=0)
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(amount.marginal_mean(probs), (probs * amount.mean()).sum(-1))
+
+
+def test_type_head_never_predicts_padding():
+    head = TypeHead(hidden_size=4, vocab_size=5)
+    probs = torch.softmax(head(torch.randn(3, 4) * 100.0), dim=-1)
+    assert torch.all(probs[:, 0] == 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def _assert_minimised_at(loss_fn, target: torch.Tensor, log_mean: float) -> None:
+    """``loss_fn(log prediction, target).mean()`` has its minimum at ``log_mean``."""
+    at = torch.tensor(log_mean, requires_grad=True)
+    loss = loss_fn(at.expand_as(target), target).mean()
+    (grad,) = torch.autograd.grad(loss, at)
+    assert abs(float(grad)) < 1e-4 * float(loss.detach())
+    for shifted in (log_mean - 0.02, log_mean + 0.02):
+        assert loss_fn(torch.tensor(shifted).expand_as(target), target).mean() > loss
+
+
+def test_spend_and_count_losses_are_minimised_by_the_mean():
+    """The best constant prediction under each loss is the sample mean (heavy-tailed spend)."""
+    generator = torch.Generator().manual_seed(3)
+    spend = torch.where(
+        torch.rand(5000, generator=generator) < 0.4,
+        torch.zeros(5000),
+        torch.exp(torch.randn(5000, generator=generator) * 1.5 + 3.0),
+    ).double()
+    count = torch.poisson(torch.full((5000,), 2.5), generator=generator).double()
+    _assert_minimised_at(tweedie_deviance, spend, math.log(spend.mean()))
+    _assert_minimised_at(poisson_nll, count, math.log(count.mean()))
+    assert tweedie_deviance(torch.tensor(math.log(7.0)), torch.tensor(7.0)).abs() < 1e-5

@@ -1,0 +1,213 @@
+"""TwinModule: likelihood terms, losses, metrics, training, checkpoints, ONNX export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fintwin.models.encoders import gather_last
+from fintwin.models.module import OUTPUT_NAMES, ExportableTwin, TwinModule
+
+LOGGED_METRICS = (
+    "type_acc",
+    "type_acc5",
+    "type_nll",
+    "time_nll",
+    "time_mae",
+    "amount_nll",
+    "amount_mae",
+    "event_nll",
+    "churn_auroc",
+)
+LOSS_COMPONENTS = ("type", "time", "amount", "churn", "horizon_count", "horizon_spend")
+
+
+def _repeating_batch(make_batch) -> dict[str, torch.Tensor]:
+    """Event types cycle 2, 3, 4, 5 (each row starts at another phase): the next type is
+    a function of the current one."""
+    types = np.array([np.roll([2, 3, 4, 5] * 3, row) for row in range(4)])
+    return make_batch([12, 12, 10, 8], event_types=types, seed=0)
+
+
+@torch.no_grad()
+def test_censored_positions_contribute_only_survival(make_module, make_batch, encoder_config):
+    module = make_module(encoder_config)
+    batch = make_batch([5, 3, 1], max_len=6, seed=1)
+    terms = module.per_event_log_likelihood(batch)
+    last = batch["length"] - 1
+    rows = torch.arange(3)
+    assert terms["censored_mask"][rows, last].all() and terms["censored_mask"].sum() == 3
+    assert terms["observed"].sum() == 4 + 2 + 0
+    for key in ("type", "gap", "amount"):
+        assert torch.all(terms[key][~terms["observed"]] == 0)
+    assert torch.all(terms["censored"][~terms["censored_mask"]] == 0)
+    # The survival term is log(p_d + (1 - p_d) S(c)) of the head at the last event.
+    gap = module.head_outputs(gather_last(module(batch), batch["length"])).gap
+    expected = gap.log_survival(batch["next_gap"][rows, last])
+    torch.testing.assert_close(terms["censored"][rows, last], expected)
+    # Whatever sits in the type/amount targets of censored positions is ignored.
+    tampered = {**batch, "next_type": batch["next_type"].clone()}
+    tampered["next_amount"] = batch["next_amount"].clone()
+    tampered["next_type"][rows, last] = 3
+    tampered["next_amount"][rows, last] = 99.0
+    for key, value in module.per_event_log_likelihood(tampered).items():
+        torch.testing.assert_close(value, terms[key])
+
+
+@torch.no_grad()
+def test_metrics_equal_the_per_event_likelihood(make_module, make_batch, encoder_config):
+    """event_nll = type_nll + time_nll + amount_nll, all per observed next event."""
+    module = make_module(encoder_config)
+    batches = [make_batch([6, 4, 2], seed=2), make_batch([3, 7], seed=3)]
+    totals = dict.fromkeys(("type", "time", "amount"), 0.0)
+    n_observed = 0
+    for i, batch in enumerate(batches):
+        module.validation_step(batch, i)
+        terms = module.per_event_log_likelihood(batch)
+        totals["type"] -= float(terms["type"].sum())
+        totals["time"] -= float(terms["gap"].sum() + terms["censored"].sum())
+        totals["amount"] -= float(terms["amount"].sum())
+        n_observed += int(terms["observed"].sum())
+    metrics = {name: float(metric.compute()) for name, metric in module.val_metrics.items()}
+    for name, total in totals.items():
+        assert metrics[f"{name}_nll"] == pytest.approx(total / n_observed, rel=1e-5)
+    assert metrics["event_nll"] == pytest.approx(sum(totals.values()) / n_observed, rel=1e-5)
+    assert 0.0 <= metrics["type_acc"] <= metrics["type_acc5"] <= 1.0
+
+
+@torch.no_grad()
+def test_predict_last_reads_each_rows_last_event(make_module, make_batch, encoder_config):
+    module = make_module(encoder_config, n_numeric=2)
+    batch = make_batch([4, 1, 6], max_len=6, n_numeric=2, seed=4)
+    out = module.predict_last(batch)
+    assert set(out) == set(OUTPUT_NAMES)
+    assert out["next_event_probs"].shape == (3, 7)
+    assert out["next_time_quantiles"].shape == (3, 3)
+    for name in set(OUTPUT_NAMES) - {"next_event_probs", "next_time_quantiles"}:
+        assert out[name].shape == (3,)
+    torch.testing.assert_close(out["next_event_probs"].sum(-1), torch.ones(3))
+    assert torch.all(out["next_event_probs"][:, 0] == 0)
+    assert torch.all(out["next_time_quantiles"].diff(dim=-1) > 0)
+    for name in ("dormant_prob", "churn_prob"):
+        assert torch.all((out[name] > 0) & (out[name] < 1))
+    # Row 1 alone, unpadded, gives the same outputs as inside the padded batch.
+    single = {
+        key: value[1:2, :1] if value.dim() > 1 else value[1:2] for key, value in batch.items()
+    }
+    for name, value in module.predict_last(single).items():
+        torch.testing.assert_close(value[0], out[name][1], atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_batch_overfits(make_module, make_batch, encoder_config):
+    """On a deterministic repeating sequence type accuracy reaches 1.0 within 100 steps."""
+    module = make_module(encoder_config).train()
+    batch = _repeating_batch(make_batch)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    first = None
+    for _ in range(100):
+        out = module.head_outputs(module(batch))
+        losses = module._losses(batch, out, module._log_likelihood(batch, out))
+        loss = module._total_loss(losses)
+        first = float(loss) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.eval()
+    with torch.no_grad():
+        terms = module.per_event_log_likelihood(batch)
+        logits = module.type_head(module(batch))
+    observed = terms["observed"]
+    accuracy = (logits.argmax(-1) == batch["next_type"])[observed].float().mean()
+    assert accuracy == 1.0
+    assert -terms["type"].sum() / observed.sum() < 0.3
+    assert float(loss) < 2.0 < first / 5
+
+
+def _loader(batches: list[dict]) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def test_trainer_logs_metrics_and_checkpoint_loads_weights_only(make_batch, tmp_path):
+    config = OmegaConf.create(
+        {
+            "_target_": "fintwin.models.module.TwinModule",
+            "encoder": {"name": "transformer", "hidden_size": 8, "num_layers": 1, "num_heads": 2},
+            "n_components": 2,
+            "loss_weights": {"churn": 0.5},
+            "warmup_steps": 1,
+        }
+    )
+    scaling = {
+        "amount_mean": np.float64(3.0),
+        "amount_std": 1.0,
+        "delta_t_mean": 2.0,
+        "delta_t_std": 1.0,
+    }
+    module = instantiate(config, vocab_size=7, scaling=scaling, horizon_days=30.0)
+    assert module.hparams.loss_weights == {
+        "type": 1.0,
+        "time": 1.0,
+        "amount": 1.0,
+        "churn": 0.5,
+        "horizon": 1.0,
+    }
+    batches = [make_batch([5, 3, 8], seed=5), make_batch([2, 6], seed=6)]
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, _loader(batches), _loader(batches[:1]))
+    logged = set(trainer.callback_metrics)
+    trainer.test(module, _loader(batches[1:]), verbose=False)
+    logged |= set(trainer.callback_metrics)
+    for stage in ("train", "val", "test"):
+        expected = {f"{stage}/loss"} | {f"{stage}/{name}" for name in LOGGED_METRICS}
+        expected |= {f"{stage}/loss_{name}" for name in LOSS_COMPONENTS}
+        assert expected <= logged, sorted(expected - logged)
+    path = tmp_path / "twin.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = TwinModule.load_from_checkpoint(path, weights_only=True).eval()
+    module.eval()
+    with torch.no_grad():
+        for name, value in loaded.predict_last(batches[0]).items():
+            torch.testing.assert_close(value, module.predict_last(batches[0])[name])
+
+
+def _export_parity(module: TwinModule, make_batch, n_numeric: int) -> None:
+    wrapper = ExportableTwin(module)
+    with torch.no_grad():
+        wrapper(*wrapper.example_inputs())  # an eager run first (LSTM dispatch cache)
+    model = wrapper.to_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
+    for lengths, max_len in (([5, 3, 1, 9], 11), ([1], 1), ([2, 2], 2)):
+        batch = make_batch(lengths, max_len=max_len, n_numeric=n_numeric, seed=7)
+        feeds = {name: batch[name].numpy() for name in wrapper.input_names}
+        with torch.no_grad():
+            expected = wrapper(*(batch[name] for name in wrapper.input_names))
+        for name, got, want in zip(OUTPUT_NAMES, session.run(None, feeds), expected, strict=True):
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_lstm_exports_to_onnx_with_dynamic_axes(make_module, make_batch):
+    module = make_module({"name": "lstm", "hidden_size": 8, "num_layers": 2}, n_numeric=2)
+    _export_parity(module, make_batch, n_numeric=2)
+
+
+def test_transformer_exports_to_onnx_with_dynamic_axes(make_module, make_batch):
+    encoder = {"name": "transformer", "hidden_size": 8, "num_layers": 2, "num_heads": 2}
+    _export_parity(make_module(encoder), make_batch, n_numeric=0)
