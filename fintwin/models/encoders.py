@@ -193,8 +193,12 @@ def sinusoidal_features(values: Tensor, dim: int, max_period: float) -> Tensor:
 
 
 def elapsed_days(batch: Mapping[str, Tensor]) -> Tensor:
-    """``[B, T]`` days since the sequence's first event (cumulative ``delta_t``)."""
-    return torch.cumsum(batch["delta_t"].float().clamp(min=0.0), dim=1)
+    """``[B, T]`` float64 days since the sequence's first event (cumulative ``delta_t``).
+
+    Accumulated in float64 so that stepping (``elapsed + delta_t``) and the full pass agree
+    to the last float32 bit.
+    """
+    return torch.cumsum(batch["delta_t"].double().clamp(min=0.0), dim=1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -283,7 +287,7 @@ class TransformerEncoder(nn.Module):
     State: ``k``, ``v`` ``[B, num_layers, nh, S, hd]`` key/value cache; ``valid`` ``[B, S]``
     (cache slots that hold real events: slots past a row's length in the prefix are
     padding and masked); ``position`` ``[B]`` (index of the next event); ``elapsed`` ``[B]``
-    (elapsed days at the last event); ``hidden`` ``[B, H]``.
+    (float64 elapsed days at the last event); ``hidden`` ``[B, H]``.
     """
 
     def __init__(
@@ -352,7 +356,7 @@ class TransformerEncoder(nn.Module):
 
     def step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
         """Feed one event per row; attention over the cache only (no re-encoding)."""
-        elapsed = state["elapsed"] + event["delta_t"].float().clamp(min=0.0)
+        elapsed = state["elapsed"] + event["delta_t"].double().clamp(min=0.0)
         x = self._input(event_as_batch(event), state["position"][:, None], elapsed[:, None])
         keys, values = [], []
         for i, block in enumerate(self.blocks):

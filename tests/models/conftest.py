@@ -1,4 +1,5 @@
-"""Tiny random batches that follow the model batch contract (see notes in the package)."""
+"""Tiny random batches that follow the model batch contract (right padding; targets at t
+describe event t + 1), tiny twins, and the encoder parametrisation."""
 
 from __future__ import annotations
 

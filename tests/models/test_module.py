@@ -103,6 +103,33 @@ def test_predict_last_reads_each_rows_last_event(make_module, make_batch, encode
         torch.testing.assert_close(value[0], out[name][1], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_sampled_events_feed_back_into_the_state(make_module, make_batch, encoder_config):
+    """The rollout protocol: prefix state, expand over samples, sample, step."""
+    module = make_module(encoder_config)
+    batch = make_batch([4, 2], seed=8)
+    state = module.encoder.expand_state(module.encoder.prefix_state(batch), 50)
+    heads = module.head_outputs(state["hidden"])
+    draws = [heads.sample(torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    for key in ("event_type", "gap", "amount"):
+        torch.testing.assert_close(draws[0][key], draws[1][key])
+        assert not torch.equal(draws[0][key], draws[2][key])
+    sample = draws[0]
+    assert sample["event_type"].shape == (100,) and torch.all(sample["event_type"] >= 1)
+    assert torch.all(sample["gap"] >= 1e-3) and torch.all(sample["amount"] >= 0)
+    event = {
+        "event_type": sample["event_type"],
+        "amount": sample["amount"],
+        "delta_t": sample["gap"],
+        "day_of_week": torch.zeros(100, dtype=torch.int64),
+        "day_of_month": torch.ones(100, dtype=torch.int64),
+        "hour": torch.zeros(100, dtype=torch.int64),
+    }
+    hidden, new_state = module.encoder.step(event, state)
+    assert hidden.shape == (100, module.encoder.hidden_size)
+    torch.testing.assert_close(new_state["hidden"], hidden)
+
+
 def test_tiny_batch_overfits(make_module, make_batch, encoder_config):
     """On a deterministic repeating sequence type accuracy reaches 1.0 within 100 steps."""
     module = make_module(encoder_config).train()
