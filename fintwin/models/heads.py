@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MIN_GAP_DAYS = 1e-3
+LOG_GAP_MIN = math.log(MIN_GAP_DAYS)
+LOG_GAP_MAX = math.log(3650.0)  # component medians within ten years; longer = dormancy
 LOG_SCALE_MIN = -5.0
-LOG_SCALE_MAX = 2.0
+LOG_SCALE_MAX = 0.7  # sigma <= 2 in log-days: a component's mean stays within 7.4x its median
 QUANTILE_ITERATIONS = 5
 QUANTILE_POINTS = 63
 QUANTILE_SPAN = 9.0  # bisection bracket: component means -/+ this many standard deviations
@@ -165,7 +167,7 @@ class TimeHead(nn.Module):
         m = self.n_components
         return GapDistribution(
             log_weights=torch.log_softmax(out[..., :m], dim=-1),
-            loc=out[..., m : 2 * m] + self.loc_offset,
+            loc=(out[..., m : 2 * m] + self.loc_offset).clamp(LOG_GAP_MIN, LOG_GAP_MAX),
             log_scale=out[..., 2 * m : 3 * m].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX),
             dormant_logit=out[..., 3 * m],
         )
