@@ -157,8 +157,70 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=3)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from fintwin.twin.pipeline import simulate
+
+    summary = simulate(args.ckpt, args.data, args.cutoff, args.horizon_end, args.samples, args.out,
+                       what_if=args.what_if, seed=args.seed, paths_out=args.paths_out,
+                       device=args.device)
+    print(f"{len(summary):,} customers simulated x {args.samples} samples -> {args.out}")
+    if "overall" in summary.attrs:
+        print("what-if effect:", ", ".join(f"{k} {v:.4g}" for k, v in summary.attrs["overall"].items()))
+    return 0
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "simulate", "Monte Carlo rollouts of each customer's future from a cut-off "
+                      "to a horizon end (optionally with injected what-if events).",
+                      "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "--horizon-end 1998-06-30 --samples 100 --out futures.parquet", _simulate)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--data", required=True, help="cdnow | synthetic | events file or directory")
+    parser.add_argument("--cutoff", required=True, help="last observed day (inclusive)")
+    parser.add_argument("--horizon-end", required=True, help="last simulated day (inclusive)")
+    parser.add_argument("--samples", type=int, default=100, help="Monte Carlo paths per customer")
+    parser.add_argument("--out", type=Path, required=True, help="per-customer summary (.parquet)")
+    parser.add_argument("--what-if", type=Path, help="CSV/Parquet of injected events "
+                        "(customer_id or '*', timestamp, event_type, amount)")
+    parser.add_argument("--paths-out", type=Path, help="also write every sampled event (.parquet)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fintwin.twin.pipeline import report
+
+    metrics = report(args.ckpt, args.data, args.cutoff, args.holdout_end, args.out,
+                     samples=args.samples, seed=args.seed, device=args.device)
+    table = Table(title=f"holdout {args.cutoff} .. {args.holdout_end}")
+    keys = sorted({k for m in metrics.values() for k in m})
+    table.add_column("metric")
+    for model in metrics:
+        table.add_column(model, justify="right")
+    for key in keys:
+        table.add_row(key, *(f"{metrics[m].get(key, float('nan')):.4g}" for m in metrics))
+    Console().print(table)
+    print(f"report -> {args.out / 'report.html'}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "report", "Forecast a holdout window with the twin (rollouts and direct "
+                      "heads) and BG/NBD + Gamma-Gamma; write metrics.json, plots and report.html.",
+                      "fintwin report --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "--holdout-end 1998-06-30 --out report/", _report)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--data", required=True, help="cdnow | synthetic | events file or directory")
+    parser.add_argument("--cutoff", required=True, help="last calibration day (inclusive)")
+    parser.add_argument("--holdout-end", required=True, help="last holdout day (inclusive)")
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_data, _add_export, _add_serve, _add_predict]
+    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,7 +98,7 @@ def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[st
 
 
 def fit_scaling(features: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
-    """Mean/std of log1p(amount) and log1p(delta_t), and of raw numeric extras."""
+    """Mean/std of log1p(amount), log1p(delta_t), log of positive gaps, raw numeric extras."""
 
     def stats(x: np.ndarray) -> tuple[float, float]:
         return float(x.mean()), float(max(x.std(), 1e-6))
@@ -113,6 +113,8 @@ def fit_scaling(features: dict[str, np.ndarray]) -> dict[str, float | list[float
         "numeric_mean": [],
         "numeric_std": [],
     }
+    gaps = features["delta_t"][features["delta_t"] > 0].astype(np.float64)
+    scaling["gap_log_mean"], scaling["gap_log_std"] = stats(np.log(gaps)) if len(gaps) else (0.0, 1.0)
     if "numeric" in features and features["numeric"].shape[1]:
         num = features["numeric"].astype(np.float64)
         scaling["numeric_mean"] = num.mean(axis=0).tolist()

@@ -153,14 +153,23 @@ class GapDistribution:
 class TimeHead(nn.Module):
     """Intensity-free TPP head (Shchur et al., 2020): log-normal mixture + dormancy.
 
-    ``loc_offset`` centres the component means (e.g. the mean of ``log1p(delta_t)``).
+    ``loc_offset`` centres the component means (the mean log gap of the training data);
+    the components start spread over ``loc_offset -/+ 1.5 loc_spread`` with that spread as
+    their scale, so training starts from the data's marginal gap distribution.
     """
 
-    def __init__(self, hidden_size: int, n_components: int = 8, loc_offset: float = 0.0) -> None:
+    def __init__(self, hidden_size: int, n_components: int = 8, loc_offset: float = 0.0,
+                 loc_spread: float = 1.0) -> None:
         super().__init__()
         self.n_components = n_components
         self.loc_offset = loc_offset
         self.linear = nn.Linear(hidden_size, 3 * n_components + 1)
+        m = n_components
+        with torch.no_grad():
+            self.linear.weight.mul_(0.1)
+            self.linear.bias.zero_()
+            self.linear.bias[m : 2 * m] = torch.linspace(-1.5, 1.5, m) * loc_spread
+            self.linear.bias[2 * m : 3 * m] = math.log(max(loc_spread, 1e-3) * 2.0 / max(m, 1))
 
     def forward(self, hidden: Tensor) -> GapDistribution:
         out = self.linear(hidden).float()
