@@ -1,12 +1,13 @@
 """LightningModule for customer twins: encoder + heads, losses, metrics, serving outputs.
 
-Loss (weights from ``loss_weights``; all NLL terms are normalised per observed next event,
-i.e. divided by the number of positions with an observed next event in the batch, so the
-type, time and amount terms are on the same per-event scale as the joint ``event_nll``):
+Loss (weights from ``loss_weights``; the type and amount terms are divided by the batch's
+observed next events, the time term by its scored terms, observed gaps plus censored last
+gaps, which keeps batches of mostly single-event customers from dominating; the logged
+``*_nll`` metrics are per observed next event over the whole epoch, as an oracle reports):
 
 - ``type``: -log p(next type), observed next events only.
 - ``time``: -(sum of log p(gap) over observed gaps, dormancy included, + sum of censored
-  log-survival terms at each row's last event) / number of observed next events.
+  log-survival terms at each row's last event) / (observed + censored terms).
 - ``amount``: -log p(next amount | true next type), observed next events only.
 - ``churn``: binary cross-entropy on ``churn_label`` where ``churn_mask``.
 - ``horizon``: Poisson NLL of ``horizon_count`` + Tweedie (power 1.5) deviance of
@@ -283,6 +284,7 @@ class TwinModule(pl.LightningModule):
         self, batch: Mapping[str, Tensor], out: HeadOutputs, ll: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         n_observed = ll["observed"].sum().clamp(min=1)
+        n_terms = (ll["observed"].sum() + ll["censored_mask"].sum()).clamp(min=1)
         valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
         churn_mask = batch["churn_mask"] & valid
         horizon_mask = batch["horizon_mask"] & valid
@@ -294,7 +296,9 @@ class TwinModule(pl.LightningModule):
         )
         return {
             "type": -ll["type"].sum() / n_observed,
-            "time": -(ll["gap"].sum() + ll["censored"].sum()) / n_observed,
+            # per scored term: with length bucketing a batch may hold mostly censored last
+            # events, and dividing by its few observed events would overweight them
+            "time": -(ll["gap"].sum() + ll["censored"].sum()) / n_terms,
             "amount": -ll["amount"].sum() / n_observed,
             "churn": masked_mean(churn, churn_mask),
             "horizon_count": masked_mean(count_nll, horizon_mask),
