@@ -1,0 +1,115 @@
+"""Holdout forecasts from a twin, in the form `fintwin.twin.evaluation` compares.
+
+Each forecast is a DataFrame indexed by customer_id with `pred_txn` (expected transactions in
+the holdout), `pred_spend` (expected spend) and `p_any` (P(at least one transaction)). The
+holdout is (cutoff, holdout_end], both whole days, as in `fintwin.twin.evaluation`.
+
+- `twin`: Monte Carlo rollouts (`fintwin.twin.rollout`). Transactions are distinct calendar
+  days with an event (the evaluation's same-day merging), conditioned on the silence between
+  each customer's last event and the cut-off.
+- `twin_heads`: the direct heads at the last event, which predict the count and spend of
+  events within `horizon_days` after the last event and the churn probability P(no event in
+  that time). They are converted to a holdout of W days by assuming events arrive at a
+  constant rate over the horizon and that the holdout starts at the last event:
+  `pred_txn = count * W / H`, `pred_spend = spend * W / H` and
+  `p_any = 1 - churn ** (W / H)` (a Poisson process with the rate that gives `churn` over H).
+  The approximation ignores the silence since the last event (which the rollouts condition
+  on: a customer silent for months is more likely gone), extrapolates linearly when W > H,
+  and counts events rather than distinct days.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fintwin.data.sequences import SequenceSet, calibration_events
+from fintwin.models.module import TwinModule
+from fintwin.twin.evaluation import as_day, week_ends
+from fintwin.twin.rollout import RolloutResult, eval_mode, model_device, window_bounds
+
+HEADS_BATCH = 4096
+
+
+def rollout_forecast(result: RolloutResult) -> pd.DataFrame:
+    """Holdout forecast from rollouts: expected distinct event days, spend, P(any event)."""
+    summary = result.summary
+    return pd.DataFrame(
+        {
+            "pred_txn": summary["expected_transactions"],
+            "pred_spend": summary["expected_spend"],
+            "p_any": summary["p_active"],
+            "p_alive": summary["p_alive"],
+        },
+        index=summary.index,
+    )
+
+
+@torch.inference_mode()
+def head_outputs_at_last_event(
+    model: TwinModule, sequences: SequenceSet, batch_size: int = HEADS_BATCH
+) -> dict[str, np.ndarray]:
+    """``predict_last`` outputs of every customer (CPU arrays), batch by batch."""
+    device = model_device(model)
+    parts: list[dict[str, np.ndarray]] = []
+    with eval_mode(model):
+        for first in range(0, len(sequences), batch_size):
+            index = np.arange(first, min(first + batch_size, len(sequences)))
+            batch = sequences.batch(index, with_targets=False)
+            outputs = model.predict_last({k: v.to(device) for k, v in batch.items()})
+            parts.append({k: v.float().cpu().numpy() for k, v in outputs.items()})
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def heads_forecast(
+    model: TwinModule,
+    sequences: SequenceSet,
+    holdout_end: str | pd.Timestamp,
+    horizon_days: float,
+) -> pd.DataFrame:
+    """Holdout forecast from the churn and horizon heads (see the module docstring)."""
+    start, end = window_bounds(sequences, holdout_end)
+    ratio = ((end - start) / pd.Timedelta(days=1)) / horizon_days
+    heads = head_outputs_at_last_event(model, sequences)
+    churn = np.clip(heads["churn_prob"].astype(float), 0.0, 1.0)
+    return pd.DataFrame(
+        {
+            "pred_txn": heads["horizon_count"].astype(float) * ratio,
+            "pred_spend": heads["horizon_spend"].astype(float) * ratio,
+            "p_any": 1.0 - churn**ratio,
+        },
+        index=pd.Index(sequences.customer_ids, name="customer_id"),
+    )
+
+
+def holdout_week_ends(
+    events: pd.DataFrame, cutoff: str | pd.Timestamp, holdout_end: str | pd.Timestamp
+) -> pd.DatetimeIndex:
+    """Week-end days after the cut-off of `weekly_tracking`'s grid (from the first event day)."""
+    first = calibration_events(events, cutoff)["timestamp"].min().normalize()
+    grid = week_ends(first, holdout_end)
+    return grid[grid > as_day(cutoff, "cutoff")]
+
+
+def rollout_cumulative(result: RolloutResult, days: pd.DatetimeIndex) -> pd.Series:
+    """Expected cumulative transactions after the cut-off through each of ``days``.
+
+    For `weekly_tracking`'s `holdout_cumulative`; ``days`` outside the window are left out.
+    """
+    cumulative = result.daily_transactions.cumsum()
+    inside = days[(days >= cumulative.index[0]) & (days <= cumulative.index[-1])]
+    return pd.Series(cumulative.reindex(inside).to_numpy(), index=inside)
+
+
+def heads_cumulative(
+    forecast: pd.DataFrame,
+    cutoff: str | pd.Timestamp,
+    holdout_end: str | pd.Timestamp,
+    days: pd.DatetimeIndex,
+) -> pd.Series:
+    """The heads' total `pred_txn` spread evenly over the holdout, cumulated through ``days``."""
+    cut, end = as_day(cutoff, "cutoff"), as_day(holdout_end, "holdout_end")
+    inside = days[(days > cut) & (days <= end)]
+    share = ((inside - cut) / (end - cut)).to_numpy(float)
+    return pd.Series(forecast["pred_txn"].sum() * share, index=inside)

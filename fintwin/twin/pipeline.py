@@ -1,0 +1,261 @@
+"""`fintwin simulate` and `fintwin report` as functions (the CLI parses arguments and calls them).
+
+Both load a checkpoint (`load_twin`), read the events with the checkpoint's own data
+settings (same-day merging, numeric features) and featurise the calibration events (before
+the end of the `cutoff` day) with its vocabulary and `max_len`. Dates are whole days:
+`cutoff` is the last calibration day, `horizon_end` / `holdout_end` the last simulated day.
+Bad input raises `FintwinInputError` (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lifetimes.utils import ConvergenceError
+
+from fintwin.data.schema import EventSchema
+from fintwin.data.sequences import observation_end
+from fintwin.data.sources import load_events
+from fintwin.errors import FintwinInputError
+from fintwin.models.checkpoint import TrainedTwin, load_twin
+from fintwin.twin import whatif
+from fintwin.twin.baselines import BGNBDGammaGamma
+from fintwin.twin.evaluation import as_day, forecast_metrics, holdout_actuals, weekly_tracking
+from fintwin.twin.forecast import (
+    heads_cumulative,
+    heads_forecast,
+    holdout_week_ends,
+    rollout_cumulative,
+    rollout_forecast,
+)
+from fintwin.twin.report import write_atomic, write_report
+from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 100
+DEFAULT_MAX_STEPS = 1000
+FORECASTS_FILE = "forecasts.parquet"
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``frame`` (without its index) to ``path`` atomically; create the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def parse_day(value: str | pd.Timestamp, name: str) -> pd.Timestamp:
+    """A whole day (naive, midnight), or ``FintwinInputError`` naming the argument."""
+    try:
+        return as_day(value, name)
+    except ValueError as err:  # includes unparseable dates
+        raise FintwinInputError(f"--{name.replace('_', '-')} {value!r}: {err}") from err
+
+
+def parse_window(
+    cutoff: str | pd.Timestamp, end: str | pd.Timestamp, end_name: str
+) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The cut-off and the last simulated day, which must come after it."""
+    cut, last = parse_day(cutoff, "cutoff"), parse_day(end, end_name)
+    if last <= cut:
+        raise FintwinInputError(
+            f"--{end_name.replace('_', '-')} {last.date()} is not after --cutoff {cut.date()}; "
+            "the simulated period starts the day after the cut-off"
+        )
+    return cut, last
+
+
+def check_inside_data(events: pd.DataFrame, source: str, *days: pd.Timestamp) -> None:
+    """Every day in ``days`` must lie between the first and the last event day of the data."""
+    first = events["timestamp"].min().normalize()
+    last = events["timestamp"].max().normalize()
+    for day in days:
+        if not first <= day <= last:
+            raise FintwinInputError(
+                f"{source}: {day.date()} is outside the data, which spans {first.date()} to "
+                f"{last.date()}"
+            )
+
+
+def load_inputs(
+    ckpt: str | Path, data_source: str, device: str | None = None
+) -> tuple[TrainedTwin, pd.DataFrame, HistorySpec]:
+    """The twin (on ``device``, default GPU when present), the events and the featurisation."""
+    twin = load_twin(ckpt)
+    twin.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = HistorySpec.from_data_settings(twin.data)
+    events, _ = load_events(
+        data_source,
+        EventSchema(numeric_features=list(spec.numeric_features)),
+        same_day_merge=bool(twin.data.get("same_day_merge", False)),
+    )
+    return twin, events, spec
+
+
+def has_dates_only(events: pd.DataFrame) -> bool:
+    """True when every timestamp is at midnight (the source records dates only)."""
+    stamps = events["timestamp"]
+    return bool((stamps == stamps.dt.normalize()).all())
+
+
+def rollout_config(
+    events: pd.DataFrame, samples: int, seed: int, max_steps: int, keep_paths: bool = False
+) -> RolloutConfig:
+    """Rollout settings for a CLI run (progress bar on, hours off for date-only data)."""
+    return RolloutConfig(
+        samples=samples,
+        seed=seed,
+        max_steps=max_steps,
+        dates_only=has_dates_only(events),
+        keep_paths=keep_paths,
+        progress=True,
+    )
+
+
+def simulate(
+    ckpt: str | Path,
+    data_source: str,
+    cutoff: str,
+    horizon_end: str,
+    samples: int,
+    out: str | Path,
+    what_if: str | Path | None = None,
+    seed: int = 0,
+    paths_out: str | Path | None = None,
+    *,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Roll every customer forward from ``cutoff`` to ``horizon_end``; write Parquet to ``out``.
+
+    Without ``what_if``: one row per customer (``RolloutResult.summary`` columns). With a
+    what-if file: the per-customer comparison (``WhatIfResult.per_customer``), and the totals
+    in ``<out stem>.overall.json`` and in the returned frame's ``attrs["overall"]``.
+    ``paths_out``: also write the sampled events (of the what-if scenario, if any).
+    """
+    cut, last = parse_window(cutoff, horizon_end, "horizon_end")
+    twin, events, spec = load_inputs(ckpt, data_source, device)
+    check_inside_data(events, data_source, cut)
+    if twin.observation_end > observation_end(cut):
+        log.warning(
+            "the checkpoint was trained on data up to %s, after the cut-off %s",
+            twin.observation_end,
+            cut.date(),
+        )
+    config = rollout_config(events, samples, seed, max_steps, keep_paths=paths_out is not None)
+    if what_if is None:
+        result = rollout(twin.model, spec.sequences(events, cut), spec.vocab, last, config)
+        table, paths = result.summary, result.paths
+    else:
+        injections = whatif.read_what_if(what_if, spec)
+        comparison = whatif.what_if(
+            twin.model, events, spec, cut, last, injections, config, source=str(what_if)
+        )
+        table, paths = comparison.per_customer, comparison.paths
+        overall_path = Path(out).with_suffix(".overall.json")
+        overall_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(overall_path, (json.dumps(comparison.overall, indent=2) + "\n").encode())
+        table.attrs["overall"] = comparison.overall
+    write_parquet(table.reset_index(), out)
+    if paths_out is not None:
+        write_parquet(paths, paths_out)
+    log.info("wrote %d customers to %s", len(table), out)
+    return table
+
+
+def refuse_leaky_checkpoint(twin: TrainedTwin, ckpt: str | Path, cut: pd.Timestamp) -> None:
+    """A report needs a model that saw nothing after the cut-off."""
+    if twin.observation_end > observation_end(cut):
+        raise FintwinInputError(
+            f"{ckpt}: the checkpoint was trained on data up to {twin.observation_end} "
+            f"(data.cutoff={twin.data.get('cutoff')}), after the report's cut-off {cut.date()}; "
+            "its forecasts would have seen the holdout. Use a checkpoint trained with "
+            f"data.cutoff <= {cut.date()}"
+        )
+
+
+def fit_baseline(events: pd.DataFrame, cut: pd.Timestamp) -> BGNBDGammaGamma:
+    """BG/NBD + Gamma-Gamma on the calibration data, or ``FintwinInputError`` if it diverges."""
+    try:
+        return BGNBDGammaGamma().fit(events, cut)
+    except ConvergenceError as err:
+        raise FintwinInputError(
+            f"BG/NBD + Gamma-Gamma did not converge on the calibration data up to {cut.date()} "
+            "(typical when no customer appears to drop out); the report needs the baseline"
+        ) from err
+
+
+def forecasts_table(predictions: dict[str, pd.DataFrame], actual: pd.DataFrame) -> pd.DataFrame:
+    """Per-customer actuals and every model's forecast columns (``<model>_<column>``)."""
+    parts = [actual] + [
+        pred.loc[actual.index].add_prefix(f"{name}_") for name, pred in predictions.items()
+    ]
+    return pd.concat(parts, axis=1).rename_axis("customer_id").reset_index()
+
+
+def report(
+    ckpt: str | Path,
+    data_source: str,
+    cutoff: str,
+    holdout_end: str,
+    out_dir: str | Path,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    *,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Forecast the holdout with rollouts, the direct heads and BG/NBD; write the report.
+
+    Writes ``write_report``'s files (metrics.json with ``twin``, ``twin_heads`` and
+    ``bgnbd``, the plots, report.html) and ``forecasts.parquet`` (per-customer forecasts and
+    actuals) to ``out_dir``; returns the metrics. Refuses a checkpoint trained on data after
+    the cut-off.
+    """
+    cut, last = parse_window(cutoff, holdout_end, "holdout_end")
+    twin, events, spec = load_inputs(ckpt, data_source, device)
+    refuse_leaky_checkpoint(twin, ckpt, cut)
+    check_inside_data(events, data_source, cut, last)
+    baseline = fit_baseline(events, cut)
+    sequences = spec.sequences(events, cut)
+    result = rollout(
+        twin.model, sequences, spec.vocab, last, rollout_config(events, samples, seed, max_steps)
+    )
+    heads = heads_forecast(twin.model, sequences, last, spec.horizon_days)
+    predictions = {
+        "twin": rollout_forecast(result),
+        "twin_heads": heads,
+        "bgnbd": baseline.predict(last),
+    }
+    actual = holdout_actuals(events, cut, last)
+    metrics = {name: forecast_metrics(pred, actual) for name, pred in predictions.items()}
+    days = holdout_week_ends(events, cut, last)
+    tracking = weekly_tracking(
+        events,
+        cut,
+        last,
+        holdout_cumulative={
+            "twin": rollout_cumulative(result, days),
+            "twin_heads": heads_cumulative(heads, cut, last, days),
+            "bgnbd": baseline.expected_cumulative_holdout(days),
+        },
+    )
+    write_report(out_dir, metrics, tracking, predictions, actual, cutoff=cut, holdout_end=last)
+    write_parquet(forecasts_table(predictions, actual), Path(out_dir) / FORECASTS_FILE)
+    log.info(
+        "report in %s (%d customers, %d samples, %d capped paths)",
+        out_dir,
+        len(actual),
+        samples,
+        result.n_capped,
+    )
+    return metrics

@@ -1,0 +1,78 @@
+"""Holdout forecasts from rollouts and from the direct heads, and the weekly curves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fintwin.twin.evaluation import weekly_tracking
+from fintwin.twin.forecast import (
+    heads_cumulative,
+    heads_forecast,
+    holdout_week_ends,
+    rollout_cumulative,
+    rollout_forecast,
+)
+from fintwin.twin.rollout import RolloutConfig, rollout
+from tests.twin.conftest import (
+    CUTOFF,
+    HORIZON_DAYS,
+    SPEC,
+    VOCAB,
+    KnownHeads,
+    build_twin,
+    fix_heads,
+    history_events,
+)
+
+HOLDOUT_END = "2024-05-31"  # 61 days after the cut-off
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    return history_events([0.5, 10.0, 40.0], n_events=5)
+
+
+def test_heads_forecast_scales_the_horizon_to_the_holdout(events: pd.DataFrame) -> None:
+    heads = KnownHeads(count=2.0, spend=50.0, churn=0.25)
+    model = fix_heads(build_twin("transformer"), heads)
+    forecast = heads_forecast(model, SPEC.sequences(events, CUTOFF), HOLDOUT_END, HORIZON_DAYS)
+    ratio = 61 / 30
+    np.testing.assert_allclose(forecast["pred_txn"], 2.0 * ratio, rtol=1e-5)
+    np.testing.assert_allclose(forecast["pred_spend"], 50.0 * ratio, rtol=1e-5)
+    np.testing.assert_allclose(forecast["p_any"], 1 - 0.25**ratio, rtol=1e-5)
+    assert forecast.index.tolist() == ["c0", "c1", "c2"]
+
+
+def test_rollout_forecast_and_its_weekly_curve(events: pd.DataFrame) -> None:
+    model = fix_heads(build_twin(), KnownHeads(gap_median=3.0, gap_sigma=1.0, p_dormant=0.2))
+    result = rollout(
+        model, SPEC.sequences(events, CUTOFF), VOCAB, HOLDOUT_END, RolloutConfig(samples=100)
+    )
+    forecast = rollout_forecast(result)
+    summary = result.summary
+    assert forecast["pred_txn"].equals(summary["expected_transactions"])
+    assert forecast["pred_spend"].equals(summary["expected_spend"])
+    assert forecast["p_any"].equals(summary["p_active"])
+
+    days = holdout_week_ends(events, CUTOFF, HOLDOUT_END)
+    curve = rollout_cumulative(result, days)
+    assert curve.index.equals(days) and days[-1] == pd.Timestamp(HOLDOUT_END)
+    assert (np.diff(curve.to_numpy()) >= 0).all()
+    assert curve.iloc[-1] == pytest.approx(summary["expected_transactions"].sum())
+    first_week = result.daily_transactions.loc[: days[0]].sum()
+    assert curve.iloc[0] == pytest.approx(first_week)
+
+    tracking = weekly_tracking(events, CUTOFF, HOLDOUT_END, holdout_cumulative={"twin": curve})
+    after = tracking.index > pd.Timestamp(CUTOFF)
+    assert tracking.loc[after, "twin"].notna().all()
+    assert tracking.loc[~after, "twin"].isna().all()
+
+
+def test_heads_curve_spreads_the_total_evenly() -> None:
+    forecast = pd.DataFrame({"pred_txn": [4.0, 2.0, 0.1]})
+    days = pd.DatetimeIndex(["2024-03-31", "2024-04-07", "2024-05-01", "2024-05-31"])
+    curve = heads_cumulative(forecast, CUTOFF, HOLDOUT_END, days)
+    assert curve.index.equals(days[1:])
+    np.testing.assert_allclose(curve.to_numpy(), 6.1 * np.array([7, 31, 61]) / 61)

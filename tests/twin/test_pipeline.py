@@ -1,0 +1,170 @@
+"""`fintwin simulate` / `fintwin report` bodies on a tiny CSV source and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fintwin.data.datamodule import EventDataModule
+from fintwin.errors import FintwinInputError
+from fintwin.models.checkpoint import DATA_STATE_KEY
+from fintwin.models.module import TwinModule
+from fintwin.twin.evaluation import METRIC_KEYS
+from fintwin.twin.pipeline import report, simulate
+from fintwin.twin.report import PLOT_FILES
+from tests.conftest import make_events
+from tests.twin.conftest import TINY_ENCODERS
+
+CUTOFF, HOLDOUT_END = "2024-05-15", "2024-07-10"
+MODELS = ("twin", "twin_heads", "bgnbd")
+
+
+def save_checkpoint(path: Path, source: Path, cutoff: str, encoder: str = "lstm") -> Path:
+    """A checkpoint in train.py's format (weights, hyper-parameters, data settings)."""
+    data = EventDataModule(source=str(source), cutoff=cutoff, horizon_days=30.0, max_len=32)
+    data.setup()
+    torch.manual_seed(0)
+    model = TwinModule(
+        dict(TINY_ENCODERS[encoder]),
+        vocab_size=data.vocab.size,
+        scaling=data.scaling,
+        horizon_days=data.horizon_days,
+        n_numeric=data.n_numeric,
+    )
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        DATA_STATE_KEY: data.state_dict(),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    source = root / "events.csv"
+    make_events(n_customers=40, seed=0).to_csv(source, index=False)
+    return {
+        "root": root,
+        "source": source,
+        "ckpt": save_checkpoint(root / "twin.ckpt", source, CUTOFF, "transformer"),
+        "leaky": save_checkpoint(root / "leaky.ckpt", source, "2024-06-15"),
+    }
+
+
+def test_report_writes_every_metric_and_plot(workspace: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    metrics = report(workspace["ckpt"], str(workspace["source"]), CUTOFF, HOLDOUT_END, out, 40)
+    written = json.loads((out / "metrics.json").read_text())
+    assert list(written) == list(MODELS) == list(metrics)
+    for model in MODELS:
+        assert tuple(written[model]) == METRIC_KEYS
+        assert all(written[model][key] is not None for key in METRIC_KEYS)
+    for name in PLOT_FILES:
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    page = (out / "report.html").read_text()
+    assert all(f"<th>{model}</th>" in page for model in MODELS)
+
+    forecasts = pd.read_parquet(out / "forecasts.parquet")
+    for model in MODELS:
+        error = (forecasts[f"{model}_pred_txn"] - forecasts["txn"]).abs().mean()
+        assert metrics[model]["txn_mae"] == pytest.approx(error)
+    assert (forecasts["twin_p_any"].between(0, 1)).all()
+    assert forecasts["twin_pred_txn"].sum() > 0
+
+
+def test_report_refuses_a_checkpoint_that_saw_the_holdout(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(FintwinInputError) as error:
+        report(workspace["leaky"], str(workspace["source"]), CUTOFF, HOLDOUT_END, tmp_path, 5)
+    message = str(error.value)
+    assert "trained on data up to 2024-06-16" in message
+    assert "after the report's cut-off 2024-05-15" in message
+    assert "would have seen the holdout" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_report_names_a_diverging_baseline(workspace: dict[str, Path], tmp_path: Path) -> None:
+    source = tmp_path / "no_dropout.csv"
+    make_events(n_customers=40, seed=1).to_csv(source, index=False)  # nobody drops out
+    with pytest.raises(FintwinInputError, match="BG/NBD \\+ Gamma-Gamma did not converge"):
+        report(workspace["ckpt"], str(source), CUTOFF, HOLDOUT_END, tmp_path / "out", 5)
+
+
+def test_simulate_writes_summaries_and_paths(workspace: dict[str, Path], tmp_path: Path) -> None:
+    out, paths_out = tmp_path / "sim.parquet", tmp_path / "paths.parquet"
+    table = simulate(
+        workspace["ckpt"],
+        str(workspace["source"]),
+        CUTOFF,
+        HOLDOUT_END,
+        30,
+        out,
+        seed=3,
+        paths_out=paths_out,
+    )
+    written = pd.read_parquet(out)
+    assert written["customer_id"].tolist() == table.index.tolist()
+    np.testing.assert_allclose(written["expected_count"], table["expected_count"])
+    paths = pd.read_parquet(paths_out)
+    counts = paths.groupby("customer_id").size().reindex(table.index, fill_value=0) / 30
+    np.testing.assert_allclose(counts, table["expected_count"])
+    assert paths["timestamp"].min() >= pd.Timestamp("2024-05-16")
+
+
+def test_simulate_what_if(workspace: dict[str, Path], tmp_path: Path) -> None:
+    what_if = tmp_path / "what_if.csv"
+    what_if.write_text("customer_id,timestamp,event_type,amount\n*,2024-05-16,salary,2500\n")
+    out = tmp_path / "what_if.parquet"
+    table = simulate(
+        workspace["ckpt"], str(workspace["source"]), CUTOFF, HOLDOUT_END, 20, out, what_if
+    )
+    written = pd.read_parquet(out)
+    assert (written["injected_events"] == 1).all()
+    overall = json.loads(out.with_suffix(".overall.json").read_text())
+    assert overall == table.attrs["overall"]
+    assert overall["diff_expected_count"] == pytest.approx(written["diff_expected_count"].sum())
+    assert overall["customers_with_injections"] == len(written)
+
+
+@pytest.mark.parametrize(
+    ("cutoff", "horizon_end", "what_if_row", "words"),
+    [
+        (CUTOFF, "2024-05-01", None, "--horizon-end 2024-05-01 is not after --cutoff 2024-05-15"),
+        ("2023-01-01", HOLDOUT_END, None, "2023-01-01 is outside the data"),
+        ("2024-05-15 10:00", HOLDOUT_END, None, "must be a date without a time of day"),
+        (CUTOFF, HOLDOUT_END, "c999,2024-05-20,card,1", "unknown customer_id(s) ['c999']"),
+        (CUTOFF, HOLDOUT_END, "c001,2024-05-20,loan,1", "unknown event_type 'loan'"),
+    ],
+)
+def test_simulate_bad_input(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    cutoff: str,
+    horizon_end: str,
+    what_if_row: str | None,
+    words: str,
+) -> None:
+    what_if = None
+    if what_if_row is not None:
+        what_if = tmp_path / "what_if.csv"
+        what_if.write_text(f"customer_id,timestamp,event_type,amount\n{what_if_row}\n")
+    with pytest.raises(FintwinInputError) as error:
+        simulate(
+            workspace["ckpt"],
+            str(workspace["source"]),
+            cutoff,
+            horizon_end,
+            5,
+            tmp_path / "out.parquet",
+            what_if,
+        )
+    assert words in str(error.value)
+    assert not (tmp_path / "out.parquet").exists()

@@ -1,0 +1,203 @@
+"""Monte Carlo rollouts: known distributions, conditioning on silence, paths, cache, seeds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm
+
+from fintwin.data.sequences import build_sequences
+from fintwin.errors import FintwinInputError
+from fintwin.twin.rollout import Calendar, RolloutConfig, model_device, rollout, step_inputs
+from tests.twin.conftest import (
+    CUTOFF,
+    SPEC,
+    START,
+    VOCAB,
+    KnownHeads,
+    build_twin,
+    fix_heads,
+    history_events,
+    renewal_counts,
+    window_days,
+)
+
+HORIZON_END = "2024-04-30"  # a 30-day window
+
+
+def test_mean_count_and_spend_match_the_renewal_process(known_heads: KnownHeads) -> None:
+    elapsed = [0.5, 4.0, 9.0]
+    model = fix_heads(build_twin(), known_heads)
+    sequences = SPEC.sequences(history_events(elapsed), CUTOFF)
+    result = rollout(model, sequences, VOCAB, HORIZON_END, RolloutConfig(samples=3000, seed=1))
+    rng = np.random.default_rng(0)
+    window = window_days(HORIZON_END)
+    for i, c in enumerate(elapsed):
+        row = result.summary.loc[f"c{i}"]
+        reference = renewal_counts(
+            rng, 100_000, c, window, known_heads.gap_median, known_heads.gap_sigma
+        )
+        mean, se = reference.mean(), reference.std() / math.sqrt(len(reference))
+        assert abs(row["expected_count"] - mean) < 3 * math.hypot(row["expected_count_se"], se)
+        spend = mean * known_heads.amount_mean
+        assert abs(row["expected_spend"] - spend) < 3 * row["expected_spend_se"] + 0.01 * spend
+    assert result.n_capped == 0
+    assert (result.summary["p_active"] > 0.99).all()  # no dormancy, gaps far below 30 days
+
+
+def test_first_gap_is_conditioned_on_the_silence_since_the_last_event() -> None:
+    heads = KnownHeads(gap_median=10.0, gap_sigma=1.0, p_dormant=0.3)
+    elapsed = [2.0, 20.0, 60.0]
+    model = fix_heads(build_twin(), heads)
+    sequences = SPEC.sequences(history_events(elapsed), CUTOFF)
+    config = RolloutConfig(samples=4000, seed=3, chunk_customers=1, keep_paths=True)
+    result = rollout(model, sequences, VOCAB, HORIZON_END, config)
+    window = window_days(HORIZON_END)
+    first = result.paths.groupby(["customer_id", "sample"])["timestamp"].min()
+    first_days = (first - START) / pd.Timedelta(days=1)
+
+    def survival(days: float) -> float:
+        return norm.sf((math.log(days) - math.log(heads.gap_median)) / heads.gap_sigma)
+
+    for i, c in enumerate(elapsed):
+        row = result.summary.loc[f"c{i}"]
+        silent = heads.p_dormant + (1 - heads.p_dormant) * survival(c)
+        assert row["p_alive"] == pytest.approx(1 - heads.p_dormant / silent, rel=1e-4)
+        p_none = (heads.p_dormant + (1 - heads.p_dormant) * survival(c + window)) / silent
+        assert abs((1 - row["p_active"]) - p_none) < 3 * row["p_active_se"]
+        for t in (window / 4, window / 2):
+            expected = (1 - heads.p_dormant) * (survival(c) - survival(c + t)) / silent
+            observed = (first_days.loc[f"c{i}"] < t).sum() / config.samples
+            se = math.sqrt(expected * (1 - expected) / config.samples)
+            assert abs(observed - expected) < 3 * se
+
+
+def test_paths_move_forward_inside_the_window_and_match_the_summary() -> None:
+    heads = KnownHeads(gap_median=2.0, gap_sigma=1.0, p_dormant=0.1)
+    model = fix_heads(build_twin(), heads)
+    sequences = SPEC.sequences(history_events([0.2, 3.0, 15.0]), CUTOFF)
+    config = RolloutConfig(samples=200, seed=5, keep_paths=True)
+    result = rollout(model, sequences, VOCAB, HORIZON_END, config)
+    paths = result.paths
+    end = pd.Timestamp(HORIZON_END) + pd.Timedelta(days=1)
+    assert len(paths) > 1000
+    assert (paths["timestamp"] >= START).all() and (paths["timestamp"] < end).all()
+    steps = paths.groupby(["customer_id", "sample"])["timestamp"].diff().dropna()
+    assert (steps > pd.Timedelta(0)).all()
+    assert set(paths["event_type"]) == set(VOCAB.tokens) and not paths["injected"].any()
+
+    per_path = paths.assign(day=paths["timestamp"].dt.normalize()).groupby("customer_id")
+    summary = result.summary
+    np.testing.assert_allclose(per_path.size() / 200, summary["expected_count"])
+    np.testing.assert_allclose(per_path["amount"].sum() / 200, summary["expected_spend"])
+    days = paths.assign(day=paths["timestamp"].dt.normalize())
+    distinct = days.drop_duplicates(["customer_id", "sample", "day"])
+    np.testing.assert_allclose(
+        distinct.groupby("customer_id").size() / 200, summary["expected_transactions"]
+    )
+    daily = distinct.groupby("day").size() / 200
+    np.testing.assert_allclose(result.daily_transactions.reindex(daily.index), daily)
+    assert result.daily_transactions.index[-1] == pd.Timestamp(HORIZON_END)
+    assert summary["count_q50"].between(summary["count_q10"], summary["count_q90"]).all()
+
+
+def test_max_steps_caps_paths_and_reports_them() -> None:
+    model = fix_heads(build_twin(), KnownHeads(gap_median=0.05, gap_sigma=0.1))
+    sequences = SPEC.sequences(history_events([0.01, 0.02]), CUTOFF)
+    config = RolloutConfig(samples=10, max_steps=5)
+    result = rollout(model, sequences, VOCAB, HORIZON_END, config)
+    assert result.n_capped == result.n_paths == 20
+    assert (result.summary["capped_paths"] == 10).all()
+    assert (result.summary["expected_count"] == 5.0).all()
+    assert result.max_steps_run == 5
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "transformer"])
+def test_stepping_matches_reencoding_the_extended_history(encoder: str) -> None:
+    model = build_twin(encoder, seed=2)
+    with torch.no_grad():
+        model.time_head.linear.bias[-1] = -8.0  # rarely dormant: several steps per path
+    events = history_events([3.3], n_events=4, gap=4.5)
+    sequences = SPEC.sequences(events, CUTOFF)
+    config = RolloutConfig(samples=8, seed=7, keep_paths=True)
+    paths = rollout(model, sequences, VOCAB, HORIZON_END, config).paths
+    paths = paths[paths["sample"] == paths["sample"].mode()[0]]  # the busiest path
+    assert len(paths) >= 3
+
+    device = model_device(model)
+    calendar = Calendar(START, 40, device, dates_only=False)
+    state = model.encoder.prefix_state(sequences.batch(np.arange(1), with_targets=False))
+    previous = torch.tensor([-3.3], dtype=torch.float64)
+    stepped = []
+    for _, event in paths.iterrows():
+        time = torch.tensor(
+            [(event["timestamp"] - START) / pd.Timedelta(days=1)], dtype=torch.float64
+        )
+        inputs = step_inputs(
+            calendar,
+            torch.tensor(VOCAB.encode([event["event_type"]])),
+            torch.tensor([event["amount"]]),
+            time,
+            previous,
+            None,
+        )
+        _, state = model.encoder.step(inputs, state)
+        stepped.append(inputs)
+        previous = time
+
+    extended = pd.concat([events, paths[events.columns]], ignore_index=True)
+    full = build_sequences(
+        extended, VOCAB, cutoff=HORIZON_END, horizon_days=30.0, max_len=64
+    ).batch(np.arange(1), with_targets=False)
+    n = len(events)
+    for k, inputs in enumerate(stepped):
+        for key, value in inputs.items():
+            np.testing.assert_allclose(full[key][0, n + k].numpy(), value[0].numpy(), rtol=1e-5)
+
+    with torch.no_grad():
+        cached = model.head_outputs(state["hidden"])
+        hidden = model(full)[:, -1]
+        encoded = model.head_outputs(hidden)
+    torch.testing.assert_close(cached.type_logits, encoded.type_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.gap.loc, encoded.gap.loc, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        cached.gap.dormant_logit, encoded.gap.dormant_logit, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(cached.amount.loc, encoded.amount.loc, atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_same_paths_other_seed_other_paths() -> None:
+    model = build_twin("transformer", seed=4)
+    sequences = SPEC.sequences(history_events([1.0, 5.0, 30.0]), CUTOFF)
+    config = RolloutConfig(samples=20, seed=11, keep_paths=True, chunk_customers=2)
+    first = rollout(model, sequences, VOCAB, HORIZON_END, config)
+    again = rollout(model, sequences, VOCAB, HORIZON_END, config)
+    other = rollout(model, sequences, VOCAB, HORIZON_END, replace(config, seed=12))
+    assert len(first.paths) > 0
+    pd.testing.assert_frame_equal(first.paths, again.paths)
+    pd.testing.assert_frame_equal(first.summary, again.summary)
+    assert not first.paths.equals(other.paths)
+
+
+def test_dates_only_sources_get_hour_zero() -> None:
+    calendar = Calendar(START, 3, torch.device("cpu"), dates_only=True)
+    features = calendar.features(torch.tensor([0.75, 1.5], dtype=torch.float64))
+    assert features["hour"].tolist() == [0, 0]
+    assert features["day_of_week"].tolist() == [0, 1]  # 2024-04-01 is a Monday
+    assert features["day_of_month"].tolist() == [1, 2]
+    hours = Calendar(START, 3, torch.device("cpu"), dates_only=False)
+    assert hours.features(torch.tensor([0.75, 1.5], dtype=torch.float64))["hour"].tolist() == [
+        18,
+        12,
+    ]
+
+
+def test_horizon_before_the_cutoff_is_refused() -> None:
+    sequences = SPEC.sequences(history_events([1.0]), CUTOFF)
+    with pytest.raises(FintwinInputError, match="not after the cut-off"):
+        rollout(build_twin(), sequences, VOCAB, "2024-03-31")
