@@ -16,23 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fintwin.data.features import SEQUENCE_INPUTS
 from fintwin.export.triton_repo import write_model_version
+from fintwin.models.module import OUTPUT_NAMES
 from fintwin.serving.client import InProcessRunner, TritonTransport
 from fintwin.serving.server import EmbeddedTriton
 
 MODEL_NAME = "twin"
 VOCAB_SIZE = 12
-SEQ_INPUTS = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour")
-OUTPUT_NAMES = (
-    "next_event_probs",
-    "next_time_mean",
-    "next_time_quantiles",
-    "dormant_prob",
-    "next_amount_mean",
-    "churn_prob",
-    "horizon_count",
-    "horizon_spend",
-)
+SEQ_INPUTS = SEQUENCE_INPUTS
 MAX_BATCH_SIZE = 64
 PREFERRED_BATCH_SIZES = (8, 32)
 MAX_QUEUE_DELAY_US = 200
