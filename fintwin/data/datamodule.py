@@ -7,6 +7,7 @@ period after the cut-off is reserved for forecast evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -235,6 +236,10 @@ class EventDataModule(pl.LightningDataModule):
             "max_len": self.max_len,
             "same_day_merge": self.same_day_merge,
             "numeric_features": list(self.schema.numeric_features),
+            "categorical_features": list(self.schema.categorical_features),
+            "allow_negative_amount": self.schema.allow_negative_amount,
+            "drop_duplicates": self.schema.drop_duplicates,
+            "simulator": dataclasses.asdict(self.simulator) if self.simulator is not None else None,
             "vocab": self.vocab.to_dict(),
             "scaling": self.scaling,
         }

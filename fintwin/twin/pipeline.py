@@ -20,6 +20,7 @@ from lifetimes.utils import ConvergenceError
 
 from fintwin.data.schema import EventSchema
 from fintwin.data.sequences import observation_end
+from fintwin.data.simulator import SimulatorConfig
 from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import TrainedTwin, load_twin
@@ -93,10 +94,19 @@ def load_inputs(
     twin = load_twin(ckpt)
     twin.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = HistorySpec.from_data_settings(twin.data)
+    data = twin.data
+    schema = EventSchema(
+        numeric_features=list(spec.numeric_features),
+        categorical_features=list(data.get("categorical_features", [])),
+        allow_negative_amount=bool(data.get("allow_negative_amount", False)),
+        drop_duplicates=bool(data.get("drop_duplicates", False)),
+    )
+    simulator = data.get("simulator")
     events, _ = load_events(
         data_source,
-        EventSchema(numeric_features=list(spec.numeric_features)),
-        same_day_merge=bool(twin.data.get("same_day_merge", False)),
+        schema,
+        same_day_merge=bool(data.get("same_day_merge", False)),
+        simulator_config=SimulatorConfig(**simulator) if simulator and data_source == "synthetic" else None,
     )
     return twin, events, spec
 

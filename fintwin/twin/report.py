@@ -43,13 +43,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _json_value(value: float | None) -> float | None:
-    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+    if value is None or (isinstance(value, float | np.floating) and not math.isfinite(value)):
         return None
     return float(value)
 
 
 def metrics_json(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """Serialise {model: {metric: value}} as JSON, NaN as null."""
+    """Serialise {model: {metric: value}} as JSON, NaN and infinities as null."""
     clean = {
         model: {key: _json_value(value) for key, value in values.items()}
         for model, values in metrics.items()
