@@ -117,7 +117,7 @@ class _FakeBackend:
     """Just enough of triton_python_backend_utils to call TritonPythonModel.execute."""
 
     class TritonError(Exception):
-        pass
+        """Stands in for pb_utils.TritonError."""
 
     class Tensor(SimpleNamespace):
         def __init__(self, name: str, array: np.ndarray) -> None:
