@@ -10,8 +10,10 @@ times (median of the per-repetition ratios; runs of a pair are adjacent in time)
 
 Throughput counts real (non-padding) events per second; the first ``--warmup`` steps are not
 timed; each number is the median of ``--repeats`` repetitions, all cells interleaved in
-every repetition. fp32, ``torch.set_num_threads(2)``, data loading in the timed loop
-(``num_workers=0``), no logger, checkpointing or progress bar.
+every repetition. As every repetition sees the same batches, the "fastest steps" columns
+also give the rate from each step's shortest time over the repetitions, which is far less
+sensitive to other processes on a shared machine. fp32, ``torch.set_num_threads(2)``, data
+loading in the timed loop (``num_workers=0``), no logger, checkpointing or progress bar.
 
 ``--peers PYTHON`` also writes the same events to Parquet and runs the peer yardstick
 (``shared/bench/peer_throughput.py``: HoTPP RMTPP and pytorch-lifestream GRU) on that file in
