@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine_info import cpu_model
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -378,14 +378,7 @@ def target_lines(latency: dict[tuple[str, int], dict[str, Latency]],
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, onnxruntime {ort.__version__}"
 
 

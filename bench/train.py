@@ -35,7 +35,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from machine_info import cpu_model
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from rich import box
@@ -420,14 +420,7 @@ def peer_table(
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs ({cpu}), load average {load}"
 
