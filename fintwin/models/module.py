@@ -316,6 +316,7 @@ class TwinModule(pl.LightningModule):
             + weights["horizon"] * horizon
         )
 
+    @torch.no_grad()
     def _update_metrics(
         self,
         metrics: nn.ModuleDict,
