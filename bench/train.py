@@ -3,8 +3,9 @@
 Each encoder as configured in ``configs/model`` (hidden 128; LSTM 1 layer, transformer 2)
 is trained with batch 64 on customers from fintwin's simulator, at two maximum sequence
 lengths, with and without length bucketing. Every cell is trained twice on the same batches:
-by a Lightning ``Trainer`` and by a bare PyTorch loop that calls the module's own
-``training_step`` (same losses and metric updates), AdamW with the module's parameter groups
+by a Lightning ``Trainer`` (``train/loss`` logged every step, loss terms and metrics every
+10th) and by a bare PyTorch loop that minimises the module's own ``loss`` (same losses, no
+logging or metrics), AdamW with the module's parameter groups
 and schedule, and gradient clipping at norm 1. "Lightning / bare" is the ratio of their step
 times (median of the per-repetition ratios; runs of a pair are adjacent in time).
 
@@ -204,6 +205,7 @@ def train_lightning(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         gradient_clip_val=GRADIENT_CLIP,
+        log_every_n_steps=10,  # as configs/trainer/default.yaml
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -231,11 +233,11 @@ def train_bare(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.to(device).train()
     clock = StepClock(synchronize=device == "cuda")
-    for step, batch in enumerate(itertools.islice(data.train_dataloader(), steps)):
+    for batch in itertools.islice(data.train_dataloader(), steps):
         batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss = model.training_step(batch, step)
+            loss = model.loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP)
         optimizer.step()

@@ -17,7 +17,10 @@ gaps, which keeps batches of mostly single-event customers from dominating; the 
 
 Logged per stage (``train`` | ``val`` | ``test``): ``{stage}/loss`` and
 ``{stage}/loss_{type,time,amount,churn,horizon_count,horizon_spend}`` (unweighted), and
-the epoch-level torchmetrics ``{stage}/{name}``:
+the epoch-level torchmetrics ``{stage}/{name}``. Validation and test score every batch;
+training logs ``train/loss`` every step but the loss terms and metrics only every
+``trainer.log_every_n_steps``-th batch (an unbiased subsample that keeps the per-step cost
+that of the loss):
 
 - ``type_acc``, ``type_acc5``: top-1 / top-5 accuracy of the next type.
 - ``type_nll``, ``time_nll``, ``amount_nll``, ``event_nll``: summed over the epoch, then
@@ -348,32 +351,39 @@ class TwinModule(pl.LightningModule):
             batch["churn_label"][churn_mask].long(),
         )
 
-    def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+    def _logs_details(self, stage: str, batch_idx: int) -> bool:
+        """Whether this step logs the loss terms and updates the torchmetrics.
+
+        Validation and test steps always do; training steps only every
+        ``trainer.log_every_n_steps``-th batch, so the epoch's ``train/*`` metrics are
+        estimated on that subsample while the per-step cost stays that of the loss alone.
+        """
+        if stage != "train" or self._trainer is None:
+            return True
+        return batch_idx % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _forward_losses(
+        self, batch: Mapping[str, Tensor]
+    ) -> tuple[HeadOutputs, dict[str, Tensor], dict[str, Tensor], Tensor]:
         out = self.head_outputs(self(batch))
         ll = self._log_likelihood(batch, out)
         losses = self._losses(batch, out, ll)
-        loss = self._total_loss(losses)
+        return out, ll, losses, self._total_loss(losses)
+
+    def loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The weighted multi-task loss of a batch, without logging or metrics."""
+        return self._forward_losses(batch)[-1]
+
+    def _shared_step(self, batch: Mapping[str, Tensor], batch_idx: int, stage: str) -> Tensor:
+        out, ll, losses, loss = self._forward_losses(batch)
         batch_size = batch["event_type"].shape[0]
-        on_step = stage == "train"
-        sync = stage != "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch_size,
-            sync_dist=sync,
-        )
+        on_step, sync = stage == "train", stage != "train"
+        log = partial(self.log, batch_size=batch_size, sync_dist=sync)
+        log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        if not self._logs_details(stage, batch_idx):
+            return loss
         for name, value in losses.items():
-            self.log(
-                f"{stage}/loss_{name}",
-                value,
-                on_step=on_step,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=sync,
-            )
+            log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=True)
         metrics = getattr(self, f"{stage}_metrics")
         self._update_metrics(metrics, batch, out, ll)
         for name, metric in metrics.items():
@@ -381,13 +391,13 @@ class TwinModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, batch_idx, "train")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        return self._shared_step(batch, batch_idx, "val")
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+        return self._shared_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self.predict_last(batch)

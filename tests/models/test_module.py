@@ -238,3 +238,30 @@ def test_lstm_exports_to_onnx_with_dynamic_axes(make_module, make_batch):
 def test_transformer_exports_to_onnx_with_dynamic_axes(make_module, make_batch):
     encoder = {"name": "transformer", "hidden_size": 8, "num_layers": 2, "num_heads": 2}
     _export_parity(make_module(encoder), make_batch, n_numeric=0)
+
+
+def test_training_updates_metrics_every_log_interval(make_module, make_batch):
+    """With ``log_every_n_steps=2`` the train metrics see batches 0, 2 and 4 only."""
+    module = make_module({"name": "lstm", "hidden_size": 8})
+    batches = [make_batch([4, 3], seed=seed) for seed in range(5)]
+    seen: list[float] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            denominator = float(pl_module.train_metrics["event_nll"].denominator)
+            seen.append(denominator)
+
+    trainer = pl.Trainer(
+        max_steps=5,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Probe()],
+    )
+    trainer.fit(module, _loader(batches))
+    observed = [int(module.per_event_log_likelihood(b)["observed"].sum()) for b in batches]
+    expected = np.cumsum([n if i % 2 == 0 else 0 for i, n in enumerate(observed)])
+    assert seen == expected.tolist()
