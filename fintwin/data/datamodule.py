@@ -20,7 +20,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from fintwin.data.features import Vocab, customer_groups, fit_scaling
 from fintwin.data.schema import EventSchema
-from fintwin.data.sequences import SequenceSet, build_sequences, calibration_events
+from fintwin.data.sequences import (
+    SequenceSet,
+    build_sequences,
+    calibration_events,
+    loss_terms_per_customer,
+)
 from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
 
@@ -213,6 +218,7 @@ class EventDataModule(pl.LightningDataModule):
         )
         train_events = np.repeat(is_train, self.sequences.lengths)
         self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
+        self.scaling |= loss_terms_per_customer(self.sequences, self.splits["train"])
         log.info(
             "%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
             self.source,

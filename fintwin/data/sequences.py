@@ -118,6 +118,26 @@ class SequenceSet:
         return out
 
 
+def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[str, float]:
+    """Mean number of loss terms per customer of ``index``: the model's loss normalisers.
+
+    A loss summed over a batch and divided by (batch size x this mean) weighs every event
+    the same whichever batch it falls in; a per-batch mean would give the events of a batch
+    of short sequences (which length bucketing creates) far more weight than the rest.
+    """
+    chosen = np.zeros(len(sequences), dtype=bool)
+    chosen[np.asarray(index, dtype=np.int64)] = True
+    rows = np.repeat(chosen, sequences.lengths)
+    t = {name: values[rows] for name, values in sequences.targets.items()}
+    counts = {
+        "events_per_customer": (~t["gap_censored"] & (t["next_type"] > 0)).sum(),
+        "time_terms_per_customer": rows.sum(),
+        "churn_terms_per_customer": t["churn_mask"].sum(),
+        "horizon_terms_per_customer": t["horizon_mask"].sum(),
+    }
+    return {name: float(count) / max(int(chosen.sum()), 1) for name, count in counts.items()}
+
+
 def build_sequences(
     events: pd.DataFrame,
     vocab: Vocab,

@@ -1,9 +1,12 @@
 """LightningModule for customer twins: encoder + heads, losses, metrics, serving outputs.
 
-Loss (weights from ``loss_weights``; the type and amount terms are divided by the batch's
-observed next events, the time term by its scored terms, observed gaps plus censored last
-gaps, which keeps batches of mostly single-event customers from dominating; the logged
-``*_nll`` metrics are per observed next event over the whole epoch, as an oracle reports):
+Loss (weights from ``loss_weights``): every term is summed over the batch and divided by
+the batch size times the mean number of such terms per training customer
+(``scaling["*_per_customer"]``, see ``loss_terms_per_customer``), so each event weighs the
+same whichever batch it falls in and the loss is the per-event likelihood the metrics
+report; a per-batch mean would overweight the events of batches of short sequences, which
+length bucketing creates. The logged ``*_nll`` metrics are per observed next event over
+the whole epoch, as an oracle reports:
 
 - ``type``: -log p(next type), observed next events only.
 - ``time``: -(sum of log p(gap) over observed gaps, dormancy included, + sum of censored
@@ -94,12 +97,6 @@ def to_plain(value: object) -> object:
     if hasattr(value, "tolist"):
         return to_plain(value.tolist())
     return value
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask``; 0 when the mask is empty."""
-    total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp(min=1)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float) -> float:
@@ -283,14 +280,22 @@ class TwinModule(pl.LightningModule):
         return self._log_likelihood(batch, self.head_outputs(self(batch)))
 
     # ------------------------------------------------------------------ loss
+    def _loss_normalisers(self, batch_size: int) -> dict[str, float]:
+        """Expected loss terms in a batch of ``batch_size`` customers (see the module doc)."""
+        scaling = self.hparams.scaling
+        return {
+            name: batch_size * max(float(scaling.get(f"{name}_per_customer", 1.0)), 1e-6)
+            for name in ("events", "time_terms", "churn_terms", "horizon_terms")
+        }
+
     def _losses(
         self, batch: Mapping[str, Tensor], out: HeadOutputs, ll: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        n_observed = ll["observed"].sum().clamp(min=1)
-        n_terms = (ll["observed"].sum() + ll["censored_mask"].sum()).clamp(min=1)
+        norm = self._loss_normalisers(batch["event_type"].shape[0])
         valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
         churn_mask = batch["churn_mask"] & valid
         horizon_mask = batch["horizon_mask"] & valid
+        zero = out.churn_logit.new_zeros(())
         churn = F.binary_cross_entropy_with_logits(
             out.churn_logit, batch["churn_label"].float(), reduction="none"
         )
@@ -298,14 +303,14 @@ class TwinModule(pl.LightningModule):
             out.horizon, batch["horizon_count"], batch["horizon_spend"]
         )
         return {
-            "type": -ll["type"].sum() / n_observed,
-            # per scored term: with length bucketing a batch may hold mostly censored last
-            # events, and dividing by its few observed events would overweight them
-            "time": -(ll["gap"].sum() + ll["censored"].sum()) / n_terms,
-            "amount": -ll["amount"].sum() / n_observed,
-            "churn": masked_mean(churn, churn_mask),
-            "horizon_count": masked_mean(count_nll, horizon_mask),
-            "horizon_spend": masked_mean(spend_deviance, horizon_mask),
+            "type": -ll["type"].sum() / norm["events"],
+            "time": -(ll["gap"].sum() + ll["censored"].sum()) / norm["time_terms"],
+            "amount": -ll["amount"].sum() / norm["events"],
+            "churn": torch.where(churn_mask, churn, zero).sum() / norm["churn_terms"],
+            "horizon_count": torch.where(horizon_mask, count_nll, zero).sum()
+            / norm["horizon_terms"],
+            "horizon_spend": torch.where(horizon_mask, spend_deviance, zero).sum()
+            / norm["horizon_terms"],
         }
 
     def _total_loss(self, losses: dict[str, Tensor]) -> Tensor:

@@ -5,7 +5,7 @@ import torch
 from fintwin.data.datamodule import EventDataModule
 from fintwin.data.features import OOV_ID, Vocab
 from fintwin.data.schema import validate_events
-from fintwin.data.sequences import build_sequences
+from fintwin.data.sequences import build_sequences, loss_terms_per_customer
 
 CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
 
@@ -39,6 +39,24 @@ def test_targets_by_hand():
     # churn within 15 days: gap 10 -> 0, gap 10.5 -> 0; censored 10.5 < 15 -> unknown
     assert b["churn_label"][0, :2].tolist() == [0.0, 0.0]
     assert b["churn_mask"].tolist() == [[True, True, False], [False, False, False]]
+
+
+def test_loss_terms_per_customer_by_hand():
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=10)
+    # a: 2 observed next events, 3 gaps (one censored), 2 churn and 2 horizon targets; b: 1 gap
+    assert loss_terms_per_customer(seq, np.array([0])) == {
+        "events_per_customer": 2.0,
+        "time_terms_per_customer": 3.0,
+        "churn_terms_per_customer": 2.0,
+        "horizon_terms_per_customer": 2.0,
+    }
+    assert loss_terms_per_customer(seq, np.array([0, 1])) == {
+        "events_per_customer": 1.0,
+        "time_terms_per_customer": 2.0,
+        "churn_terms_per_customer": 1.0,
+        "horizon_terms_per_customer": 1.0,
+    }
 
 
 def test_truncation_keeps_most_recent_and_padding_is_zero():

@@ -20,6 +20,10 @@ SCALING = {
     "delta_t_std": 1.0,
     "numeric_mean": [0.5, -1.0],
     "numeric_std": [2.0, 0.5],
+    "events_per_customer": 4.0,
+    "time_terms_per_customer": 5.0,
+    "churn_terms_per_customer": 3.0,
+    "horizon_terms_per_customer": 2.5,
 }
 TINY_ENCODERS = {
     "lstm": {"name": "lstm", "hidden_size": 16, "num_layers": 2, "dropout": 0.0},

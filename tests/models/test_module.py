@@ -265,3 +265,15 @@ def test_training_updates_metrics_every_log_interval(make_module, make_batch):
     observed = [int(module.per_event_log_likelihood(b)["observed"].sum()) for b in batches]
     expected = np.cumsum([n if i % 2 == 0 else 0 for i, n in enumerate(observed)])
     assert seen == expected.tolist()
+
+
+@torch.no_grad()
+def test_loss_weighs_every_event_alike_across_batches(make_module, make_batch, encoder_config):
+    """Summed over batches, the loss does not depend on how customers were batched: a
+    batch of short sequences weighs its events no more than a batch of long ones."""
+    module = make_module(encoder_config)
+    short = make_batch([1, 2, 1, 2], max_len=9, seed=1)
+    long = make_batch([8, 9], max_len=9, seed=2)
+    both = {key: torch.cat([short[key], long[key]]) for key in short}
+    combined = module.loss(short) * 4 + module.loss(long) * 2
+    torch.testing.assert_close(combined, module.loss(both) * 6)
