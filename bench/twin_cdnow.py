@@ -1,0 +1,128 @@
+"""CDNOW twin vs BG/NBD + Gamma-Gamma on the standard split, mean over seeds.
+
+For every seed: ``python train.py seed=S [overrides]`` trains a twin on the calibration
+weeks 1-39 (checkpoint chosen inside calibration by the run's ``optimized_metric``), then
+``fintwin report`` forecasts weeks 40-78 with rollouts (``twin``), the direct heads
+(``twin_heads``) and BG/NBD. Prints the mean and standard deviation over the seeds of every
+metric, the twin's difference from BG/NBD, and the issue's targets (RMSE of transactions
+and spend >= 5% below BG/NBD, totals within +-5%, AUROC above BG/NBD). Per-seed runs and
+reports stay under ``--out``.
+
+Run:  python bench/twin_cdnow.py [--seeds 0 1 2] [--out outputs/twin_cdnow]
+                                 [-- train.py overrides, e.g. trainer.max_epochs=6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine_info import cpu_model
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
+MODELS = ("twin", "twin_heads", "bgnbd")
+METRICS = (
+    "txn_mae",
+    "txn_rmse",
+    "txn_total_pct_err",
+    "spend_mae",
+    "spend_rmse",
+    "spend_total_pct_err",
+    "auroc_any",
+    "spend_gini",
+    "spend_decile_mape",
+)
+RMSE_GAIN = 0.05  # the twin's RMSE must be at least 5% below BG/NBD's
+TOTAL_TOLERANCE = 5.0  # percent
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The run's selected checkpoint (``epoch_*.ckpt``; ``last.ckpt`` is not selected)."""
+    chosen = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    if len(chosen) != 1:
+        raise RuntimeError(f"{run_dir}: expected one selected checkpoint, found {chosen}")
+    return chosen[0]
+
+
+def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
+    """Train with ``seed``, write the report next to the run, return its metrics."""
+    run_dir = out / f"seed{seed}"
+    train = [sys.executable, "train.py", f"seed={seed}", f"hydra.run.dir={run_dir}", *overrides]
+    subprocess.run(train, cwd=REPO, check=True)
+    report = [
+        sys.executable, "-m", "fintwin.cli", "report", "--ckpt", str(best_checkpoint(run_dir)),
+        "--data", "cdnow", "--cutoff", CUTOFF, "--holdout-end", HOLDOUT_END,
+        "--out", str(run_dir / "report"), "--seed", str(seed),
+    ]  # fmt: skip
+    subprocess.run(report, cwd=REPO, check=True)
+    return json.loads((run_dir / "report" / "metrics.json").read_text())
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def results_table(runs: list[dict[str, dict[str, float]]]) -> Table:
+    table = Table(title=f"CDNOW holdout {HOLDOUT_END}: mean ± sd over {len(runs)} seeds")
+    for column in ("metric", *MODELS, "twin vs BG/NBD"):
+        table.add_column(column, justify="right")
+    for metric in METRICS:
+        means = {m: statistics.mean(run[m][metric] for run in runs) for m in MODELS}
+        relative = (
+            f"{means['twin'] - means['bgnbd']:+.2f} pts"
+            if metric.endswith("pct_err")
+            else f"{100 * (means['twin'] / means['bgnbd'] - 1):+.1f}%"
+        )
+        cells = [mean_sd([run[m][metric] for run in runs]) for m in MODELS]
+        table.add_row(metric, *cells, relative)
+    return table
+
+
+def target_lines(runs: list[dict[str, dict[str, float]]]) -> list[str]:
+    """The issue's targets, checked for the rollouts and for the direct heads."""
+
+    def mean(model: str, metric: str) -> float:
+        return statistics.mean(run[model][metric] for run in runs)
+
+    lines = []
+    for model in ("twin", "twin_heads"):
+        checks = {
+            "txn RMSE >= 5% below BG/NBD": mean(model, "txn_rmse")
+            <= (1 - RMSE_GAIN) * mean("bgnbd", "txn_rmse"),
+            "spend RMSE >= 5% below BG/NBD": mean(model, "spend_rmse")
+            <= (1 - RMSE_GAIN) * mean("bgnbd", "spend_rmse"),
+            "txn total within ±5%": abs(mean(model, "txn_total_pct_err")) <= TOTAL_TOLERANCE,
+            "spend total within ±5%": abs(mean(model, "spend_total_pct_err")) <= TOTAL_TOLERANCE,
+            "AUROC above BG/NBD": mean(model, "auroc_any") > mean("bgnbd", "auroc_any"),
+        }
+        verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks.items())
+        lines.append(f"{model}: {verdicts}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "twin_cdnow")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
+    args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    runs = [run_seed(seed, args.out.resolve(), args.overrides) for seed in args.seeds]
+    console = Console(width=160)
+    console.print(f"{started}, {cpu_model()}, overrides: {' '.join(args.overrides) or 'none'}")
+    console.print(results_table(runs))
+    for line in target_lines(runs):
+        console.print(line)
+
+
+if __name__ == "__main__":
+    main()
