@@ -126,12 +126,104 @@ class EventEmbedding(nn.Module):
         return self.dropout(self.norm(x))
 
 
-class LSTMEncoder(nn.Module):
+RECENCY_CAP_DAYS = 3650.0
+RECENCY_LINEAR_DAYS = 60.0
+SCAN_STEPS = 16  # running maximum over up to 2**16 events
+
+
+def causal_running_max(values: Tensor) -> Tensor:
+    """Running maximum along dim 1 (``out[:, t] = max(values[:, :t + 1])``).
+
+    Written as a fixed number of shift-and-max doublings, which export to ONNX with a
+    dynamic sequence axis (``torch.cummax`` does not export).
+    """
+    length = values.shape[1]
+    out = values
+    for k in range(SCAN_STEPS):
+        shift = 2**k
+        shifted = F.pad(out, (0, 0, shift, 0), value=-math.inf)[:, :length]
+        out = torch.maximum(out, shifted)
+    return out
+
+
+class TypeRecency(nn.Module):
+    """Days since the last event of each type, as features added to the event embedding.
+
+    For each position and each event type ``k``: ``since_k`` = days from the latest type-``k``
+    event at or before this position (0 when this event is of type ``k``; the cap when there
+    is none in the sequence). Features per type: ``log1p(since_k) / log1p(cap)`` and
+    ``min(since_k, 60) / 60`` (day-level resolution for monthly rhythms such as salaries),
+    projected to ``dim``. Computed from ``event_type`` and ``delta_t`` alone, so the model's
+    inputs do not change. State for stepping: ``since`` ``[B, V]`` (float64).
+    """
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.projection = nn.Linear(2 * vocab_size, dim)
+
+    def since(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, V]`` float64 days since the last event of each type (capped)."""
+        elapsed = elapsed_days(batch)
+        is_type = F.one_hot(batch["event_type"], self.vocab_size).bool()
+        stamped = torch.where(is_type, elapsed.unsqueeze(-1), -math.inf)
+        since = elapsed.unsqueeze(-1) - causal_running_max(stamped)
+        return since.clamp(max=RECENCY_CAP_DAYS)
+
+    def features(self, since: Tensor) -> Tensor:
+        """``[..., dim]`` projected features of ``since`` ``[..., V]``."""
+        logarithmic = torch.log1p(since) / math.log1p(RECENCY_CAP_DAYS)
+        linear = since.clamp(max=RECENCY_LINEAR_DAYS) / RECENCY_LINEAR_DAYS
+        return self.projection(torch.cat([logarithmic, linear], dim=-1).float())
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, dim]`` features of a full sequence batch."""
+        return self.features(self.since(batch))
+
+    def step(self, event: Mapping[str, Tensor], since: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``[B, 1, dim]`` after one more event per row, and the new ``since``."""
+        is_type = F.one_hot(event["event_type"], self.vocab_size).bool()
+        advanced = since + event["delta_t"].double().clamp(min=0.0).unsqueeze(-1)
+        since = torch.where(is_type, 0.0, advanced).clamp(max=RECENCY_CAP_DAYS)
+        return self.features(since).unsqueeze(1), since
+
+
+class EventInput(nn.Module):
+    """Shared input of both encoders: ``EventEmbedding`` plus optional ``TypeRecency``.
+
+    Subclasses set ``self.embedding`` and ``self.recency`` (``None`` when off).
+    """
+
+    embedding: EventEmbedding
+    recency: TypeRecency | None
+
+    def embed(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, H]`` inputs of a full sequence batch."""
+        x = self.embedding(batch)
+        return x if self.recency is None else x + self.recency(batch)
+
+    def embed_step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
+        """``[B, 1, H]`` input of one more event per row and the updated input state."""
+        x = self.embedding(event_as_batch(event))
+        if self.recency is None:
+            return x, {}
+        features, since = self.recency.step(event, state["since"])
+        return x + features, {"since": since}
+
+    def input_state(self, batch: Mapping[str, Tensor]) -> State:
+        """Input state after each row's last real event (``since`` when recency is on)."""
+        if self.recency is None:
+            return {}
+        return {"since": gather_last(self.recency.since(batch), batch["length"])}
+
+
+class LSTMEncoder(EventInput):
     """Event embedding followed by a multi-layer unidirectional LSTM.
 
     The hidden state is the LSTM output plus the event's own embedding (a skip connection:
     the heads see the current event directly, the LSTM carries the history).
-    State: ``h``, ``c`` ``[B, num_layers, H]`` and ``hidden`` ``[B, H]``.
+    ``type_recency`` adds ``TypeRecency`` features to the input.
+    State: ``h``, ``c`` ``[B, num_layers, H]``, ``hidden`` ``[B, H]`` (and ``since``).
     """
 
     def __init__(
@@ -142,10 +234,12 @@ class LSTMEncoder(nn.Module):
         hidden_size: int = 128,
         num_layers: int = 2,
         dropout: float = 0.1,
+        type_recency: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
         self.lstm = nn.LSTM(
             hidden_size,
             hidden_size,
@@ -156,27 +250,29 @@ class LSTMEncoder(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, H]`` hidden states."""
-        x = self.embedding(batch)
+        x = self.embed(batch)
         output, _ = self.lstm(x)
         return output + x
 
     def prefix_state(self, batch: Mapping[str, Tensor]) -> State:
         """LSTM ``(h, c)`` after each row's last real event (packed, so padding is skipped)."""
-        x = self.embedding(batch)
+        x = self.embed(batch)
         packed = nn.utils.rnn.pack_padded_sequence(
             x, batch["length"].cpu(), batch_first=True, enforce_sorted=False
         )
         _, (h, c) = self.lstm(packed)
         hidden = h[-1] + gather_last(x, batch["length"])
-        return {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+        state = {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+        return state | self.input_state(batch)
 
     def step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
         """Feed one event per row; O(1) in the history length."""
         carried = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        x = self.embedding(event_as_batch(event))
+        x, input_state = self.embed_step(event, state)
         output, (h, c) = self.lstm(x, carried)
         hidden = (output + x)[:, 0]
-        return hidden, {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+        new_state = {"h": h.transpose(0, 1), "c": c.transpose(0, 1), "hidden": hidden}
+        return hidden, new_state | input_state
 
     def expand_state(self, state: State, n: int) -> State:
         """Repeat each row ``n`` times."""
@@ -276,18 +372,18 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), k, v
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(EventInput):
     """Causal pre-norm transformer over event embeddings.
 
     Input = event embedding + sinusoidal position (index of the event in the sequence) +
     a learned projection of sinusoidal features of elapsed time (days since the first event
     of the sequence, the cumulative sum of ``delta_t``); ``log1p(delta_t)`` itself is in the
-    event embedding.
+    event embedding. ``type_recency`` adds ``TypeRecency`` features to the input.
 
     State: ``k``, ``v`` ``[B, num_layers, nh, S, hd]`` key/value cache; ``valid`` ``[B, S]``
     (cache slots that hold real events: slots past a row's length in the prefix are
     padding and masked); ``position`` ``[B]`` (index of the next event); ``elapsed`` ``[B]``
-    (float64 elapsed days at the last event); ``hidden`` ``[B, H]``.
+    (float64 elapsed days at the last event); ``hidden`` ``[B, H]`` (and ``since``).
     """
 
     def __init__(
@@ -302,6 +398,7 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.1,
         time_features: int = 32,
         max_period_days: float = 10000.0,
+        type_recency: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % 2 or time_features % 2:
@@ -313,23 +410,24 @@ class TransformerEncoder(nn.Module):
         self.time_features = time_features
         self.max_period_days = max_period_days
         self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
         self.time_projection = nn.Linear(time_features, hidden_size)
         self.blocks = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, ff_mult, dropout) for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(hidden_size)
 
-    def _input(self, batch: Mapping[str, Tensor], position: Tensor, elapsed: Tensor) -> Tensor:
-        """Embedding plus positional and elapsed-time encodings, ``[B, T, H]``."""
+    def _input(self, x: Tensor, position: Tensor, elapsed: Tensor) -> Tensor:
+        """Event input ``x`` plus positional and elapsed-time encodings, ``[B, T, H]``."""
         position_code = sinusoidal_features(position, self.hidden_size, 10000.0)
         time_code = sinusoidal_features(elapsed, self.time_features, self.max_period_days)
-        return self.embedding(batch) + position_code + self.time_projection(time_code)
+        return x + position_code + self.time_projection(time_code)
 
     def _encode(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         event_type = batch["event_type"]
         position = torch.arange(event_type.shape[1], device=event_type.device)
         position = position.unsqueeze(0).expand_as(event_type)
-        x = self._input(batch, position, elapsed_days(batch))
+        x = self._input(self.embed(batch), position, elapsed_days(batch))
         keys, values = [], []
         for block in self.blocks:
             x, k, v = block(x)
@@ -352,12 +450,13 @@ class TransformerEncoder(nn.Module):
             "position": length.clone(),
             "elapsed": gather_last(elapsed_days(batch), length),
             "hidden": gather_last(hidden, length),
-        }
+        } | self.input_state(batch)
 
     def step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
         """Feed one event per row; attention over the cache only (no re-encoding)."""
         elapsed = state["elapsed"] + event["delta_t"].double().clamp(min=0.0)
-        x = self._input(event_as_batch(event), state["position"][:, None], elapsed[:, None])
+        x, input_state = self.embed_step(event, state)
+        x = self._input(x, state["position"][:, None], elapsed[:, None])
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block.step(x, state["k"][:, i], state["v"][:, i], state["valid"])
@@ -372,7 +471,7 @@ class TransformerEncoder(nn.Module):
             "position": state["position"] + 1,
             "elapsed": elapsed,
             "hidden": hidden,
-        }
+        } | input_state
         return hidden, new_state
 
     def expand_state(self, state: State, n: int) -> State:

@@ -26,7 +26,13 @@ SCALING = {
     "horizon_terms_per_customer": 2.5,
 }
 TINY_ENCODERS = {
-    "lstm": {"name": "lstm", "hidden_size": 16, "num_layers": 2, "dropout": 0.0},
+    "lstm": {
+        "name": "lstm",
+        "hidden_size": 16,
+        "num_layers": 2,
+        "dropout": 0.0,
+        "type_recency": True,
+    },
     "transformer": {
         "name": "transformer",
         "hidden_size": 16,
@@ -35,6 +41,7 @@ TINY_ENCODERS = {
         "ff_mult": 2,
         "dropout": 0.0,
         "time_features": 8,
+        "type_recency": True,
     },
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fintwin.models.encoders import build_encoder, gather_last
+from fintwin.models.encoders import RECENCY_CAP_DAYS, TypeRecency, build_encoder, gather_last
 
 N_NUMERIC = 2
 SEQUENCE_KEYS = (
@@ -125,3 +125,30 @@ def test_missing_scaling_statistics_are_named():
         build_encoder("lstm", 5, scaling, n_numeric=2)
     with pytest.raises(ValueError, match="unknown encoder 'gru'"):
         build_encoder("gru", 5, scaling)
+
+
+def test_type_recency_by_hand():
+    """Days since the last event of each type; the cap before a type's first event."""
+    recency = TypeRecency(vocab_size=4, dim=2)
+    batch = {
+        "event_type": torch.tensor([[2, 3, 2, 2, 0]]),  # the last position is padding
+        "delta_t": torch.tensor([[5.0, 1.0, 2.5, 4.0, 0.0]]),
+    }
+    since = recency.since(batch)[0]
+    cap = RECENCY_CAP_DAYS
+    assert since[:4, 2].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert since[:4, 3].tolist() == [cap, 0.0, 2.5, 6.5]
+    assert since[:4, 1].tolist() == [cap] * 4  # OOV never seen
+
+
+def test_type_recency_steps_match_the_full_pass(make_batch):
+    recency = TypeRecency(vocab_size=7, dim=3)
+    batch = make_batch([9, 6], seed=4)
+    full = recency.since(batch)
+    prefix = {key: value[:, :4] for key, value in batch.items() if key != "length"}
+    since = recency.since(prefix)[:, -1]
+    for t in range(4, 6):
+        event = {key: value[:, t] for key, value in batch.items() if key != "length"}
+        features, since = recency.step(event, since)
+        torch.testing.assert_close(since, full[:, t])
+        torch.testing.assert_close(features[:, 0], recency.features(full[:, t]))
