@@ -21,10 +21,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from fintwin.data.features import Vocab, customer_groups, fit_scaling
 from fintwin.data.schema import EventSchema
 from fintwin.data.sequences import (
+    MAX_FIT_GAPS,
     SequenceSet,
     build_sequences,
     calibration_events,
+    fit_population_gaps,
     loss_terms_per_customer,
+    training_gaps,
 )
 from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
@@ -219,6 +222,8 @@ class EventDataModule(pl.LightningDataModule):
         train_events = np.repeat(is_train, self.sequences.lengths)
         self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
         self.scaling |= loss_terms_per_customer(self.sequences, self.splits["train"])
+        gaps = training_gaps(self.sequences, self.splits["train"], MAX_FIT_GAPS, self.seed)
+        self.scaling["dormancy_init"] = fit_population_gaps(*gaps)[2]
         log.info(
             "%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
             self.source,

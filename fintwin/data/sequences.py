@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy import optimize, stats
 
 from fintwin.data.features import NS_PER_DAY, Vocab, customer_groups, event_features
 
@@ -136,6 +137,49 @@ def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[s
         "horizon_terms_per_customer": t["horizon_mask"].sum(),
     }
     return {name: float(count) / max(int(chosen.sum()), 1) for name, count in counts.items()}
+
+
+MIN_GAP_DAYS = 1e-3
+MAX_FIT_GAPS = 200_000  # per kind; a seeded subsample beyond this keeps the fit fast
+
+
+def training_gaps(
+    sequences: SequenceSet, index: np.ndarray, max_gaps: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Observed next gaps and censored elapsed times (days) of the customers ``index``.
+
+    With ``max_gaps``, each kind is a seeded random subsample of at most that many.
+    """
+    chosen = np.zeros(len(sequences), dtype=bool)
+    chosen[np.asarray(index, dtype=np.int64)] = True
+    rows = np.repeat(chosen, sequences.lengths)
+    gaps = np.maximum(sequences.targets["next_gap"][rows].astype(np.float64), MIN_GAP_DAYS)
+    censored = sequences.targets["gap_censored"][rows]
+    kinds = gaps[~censored], gaps[censored]
+    if max_gaps is None:
+        return kinds
+    rng = np.random.default_rng(seed)
+    return tuple(
+        rng.choice(values, max_gaps, replace=False) if len(values) > max_gaps else values
+        for values in kinds
+    )
+
+
+def fit_population_gaps(observed: np.ndarray, censored: np.ndarray) -> tuple[float, float, float]:
+    """Maximum-likelihood log-normal gap with a never-return probability: (mu, sigma, p_dormant)."""
+    log_obs, log_cen = np.log(observed), np.log(censored)
+
+    def nll(theta: np.ndarray) -> float:
+        mu, log_sigma, logit = theta
+        p = 1 / (1 + np.exp(-logit))
+        sigma = np.exp(log_sigma)
+        dens = stats.norm.logpdf(log_obs, mu, sigma) - log_obs + np.log1p(-p)
+        surv = np.log(p + (1 - p) * stats.norm.sf(log_cen, mu, sigma))
+        return -(dens.sum() + surv.sum())
+
+    start = np.array([log_obs.mean() if len(log_obs) else 0.0, 0.0, -1.0])
+    theta = optimize.minimize(nll, start, method="Nelder-Mead", options={"maxiter": 2000}).x
+    return float(theta[0]), float(np.exp(theta[1])), float(1 / (1 + np.exp(-theta[2])))
 
 
 def build_sequences(

@@ -155,11 +155,14 @@ class TimeHead(nn.Module):
 
     ``loc_offset`` centres the component means (the mean log gap of the training data);
     the components start spread over ``loc_offset -/+ 1.5 loc_spread`` with that spread as
-    their scale, so training starts from the data's marginal gap distribution.
+    their scale, and the dormancy probability at ``dormancy_init`` (the population fit), so
+    training starts from the data's marginal gap distribution. (Started at 0.5, the
+    dormancy stayed far above its maximum-likelihood value: batches of one length, from
+    length bucketing, pull it up and down in turn and Adam's steps shrink to nothing.)
     """
 
     def __init__(self, hidden_size: int, n_components: int = 8, loc_offset: float = 0.0,
-                 loc_spread: float = 1.0) -> None:
+                 loc_spread: float = 1.0, dormancy_init: float = 0.5) -> None:
         super().__init__()
         self.n_components = n_components
         self.loc_offset = loc_offset
@@ -170,6 +173,8 @@ class TimeHead(nn.Module):
             self.linear.bias.zero_()
             self.linear.bias[m : 2 * m] = torch.linspace(-1.5, 1.5, m) * loc_spread
             self.linear.bias[2 * m : 3 * m] = math.log(max(loc_spread, 1e-3) * 2.0 / max(m, 1))
+            p = min(max(dormancy_init, 1e-4), 1.0 - 1e-4)
+            self.linear.bias[3 * m] = math.log(p / (1.0 - p))
 
     def forward(self, hidden: Tensor) -> GapDistribution:
         out = self.linear(hidden).float()

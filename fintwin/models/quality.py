@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import stats
 
 from fintwin.data.datamodule import EventDataModule
+from fintwin.data.sequences import MIN_GAP_DAYS, fit_population_gaps, training_gaps
 from fintwin.models.module import TwinModule
-
-MIN_GAP = 1e-3
 
 
 def _test_arrays(datamodule: EventDataModule) -> dict[str, np.ndarray]:
@@ -26,32 +25,6 @@ def _test_arrays(datamodule: EventDataModule) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _train_gaps(datamodule: EventDataModule) -> tuple[np.ndarray, np.ndarray]:
-    """Observed next gaps and censored elapsed times of the training customers."""
-    seq, train = datamodule.sequences, datamodule.splits["train"]
-    rows = np.repeat(np.isin(np.arange(len(seq)), train), seq.lengths)
-    gaps = np.maximum(seq.targets["next_gap"][rows], MIN_GAP)
-    censored = seq.targets["gap_censored"][rows]
-    return gaps[~censored], gaps[censored]
-
-
-def fit_population_gaps(observed: np.ndarray, censored: np.ndarray) -> tuple[float, float, float]:
-    """Maximum-likelihood log-normal gap with a never-return probability: (mu, sigma, p_dormant)."""
-    log_obs, log_cen = np.log(observed), np.log(censored)
-
-    def nll(theta: np.ndarray) -> float:
-        mu, log_sigma, logit = theta
-        p = 1 / (1 + np.exp(-logit))
-        sigma = np.exp(log_sigma)
-        dens = stats.norm.logpdf(log_obs, mu, sigma) - log_obs + np.log1p(-p)
-        surv = np.log(p + (1 - p) * stats.norm.sf(log_cen, mu, sigma))
-        return -(dens.sum() + surv.sum())
-
-    start = np.array([log_obs.mean() if len(log_obs) else 0.0, 0.0, -1.0])
-    theta = optimize.minimize(nll, start, method="Nelder-Mead", options={"maxiter": 2000}).x
-    return float(theta[0]), float(np.exp(theta[1])), float(1 / (1 + np.exp(-theta[2])))
-
-
 def gap_baselines(datamodule: EventDataModule) -> dict[str, float]:
     """Time NLL and MAE of two plain baselines on the test customers.
 
@@ -59,11 +32,11 @@ def gap_baselines(datamodule: EventDataModule) -> dict[str, float]:
     (population mean gap until a customer has one). ``population``: one log-normal gap
     distribution with a never-return probability, fitted on training customers.
     """
-    obs_train, cen_train = _train_gaps(datamodule)
+    obs_train, cen_train = training_gaps(datamodule.sequences, datamodule.splits["train"])
     mu, sigma, p_dormant = fit_population_gaps(obs_train, cen_train)
     pop_mean = float(np.exp(mu + sigma**2 / 2))
     a = _test_arrays(datamodule)
-    gap = np.maximum(a["next_gap"].astype(np.float64), MIN_GAP)
+    gap = np.maximum(a["next_gap"].astype(np.float64), MIN_GAP_DAYS)
     observed, censored = a["observed"], a["gap_censored"] & a["valid"]
     n_obs = max(int(observed.sum()), 1)
 
