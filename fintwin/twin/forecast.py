@@ -8,14 +8,15 @@ holdout is (cutoff, holdout_end], both whole days, as in `fintwin.twin.evaluatio
   days with an event (the evaluation's same-day merging), conditioned on the silence between
   each customer's last event and the cut-off.
 - `twin_heads`: the direct heads at the last event, which predict the count and spend of
-  events within `horizon_days` after the last event and the churn probability P(no event in
-  that time). They are converted to a holdout of W days by assuming events arrive at a
-  constant rate over the horizon and that the holdout starts at the last event:
-  `pred_txn = count * W / H`, `pred_spend = spend * W / H` and
-  `p_any = 1 - churn ** (W / H)` (a Poisson process with the rate that gives `churn` over H).
-  The approximation ignores the silence since the last event (which the rollouts condition
-  on: a customer silent for months is more likely gone), extrapolates linearly when W > H,
-  and counts events rather than distinct days.
+  events within `horizon_days` after an event and the churn probability P(no event in that
+  time), for a customer known to be active. They are weighted by `p_alive`, the time head's
+  probability that the customer has not gone dormant given the silence since the last
+  event (`P(alive | no event for c days) = (1 - p_d) S(c) / (p_d + (1 - p_d) S(c))`, as
+  BG/NBD weighs its forecast by P(alive)), and converted to a holdout of W days assuming
+  events arrive at a constant rate: `pred_txn = p_alive * count * W / H`,
+  `pred_spend = p_alive * spend * W / H` and `p_any = p_alive * (1 - churn ** (W / H))` (a
+  Poisson process with the rate that gives `churn` over H). The approximation extrapolates
+  linearly when W > H and counts events rather than distinct days.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ import pandas as pd
 import torch
 
 from fintwin.data.sequences import SequenceSet, calibration_events
+from fintwin.models.encoders import gather_last
 from fintwin.models.module import TwinModule
 from fintwin.twin.evaluation import as_day, week_ends
-from fintwin.twin.rollout import RolloutResult, eval_mode, model_device, window_bounds
+from fintwin.twin.rollout import (
+    RolloutResult,
+    elapsed_days,
+    eval_mode,
+    model_device,
+    p_dormant_after_silence,
+    window_bounds,
+)
 
 HEADS_BATCH = 4096
 
@@ -47,17 +56,26 @@ def rollout_forecast(result: RolloutResult) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def head_outputs_at_last_event(
-    model: TwinModule, sequences: SequenceSet, batch_size: int = HEADS_BATCH
+def heads_at_last_event(
+    model: TwinModule, sequences: SequenceSet, elapsed: np.ndarray, batch_size: int = HEADS_BATCH
 ) -> dict[str, np.ndarray]:
-    """``predict_last`` outputs of every customer (CPU arrays), batch by batch."""
+    """Per customer (CPU arrays): ``horizon_count``, ``horizon_spend`` and ``churn_prob`` at
+    the last event, and ``p_alive`` given ``elapsed`` days of silence since it."""
     device = model_device(model)
     parts: list[dict[str, np.ndarray]] = []
     with eval_mode(model):
         for first in range(0, len(sequences), batch_size):
             index = np.arange(first, min(first + batch_size, len(sequences)))
             batch = sequences.batch(index, with_targets=False)
-            outputs = model.predict_last({k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            heads = model.head_outputs(gather_last(model(batch), batch["length"]))
+            silence = torch.as_tensor(elapsed[index], dtype=torch.float32, device=device)
+            outputs = {
+                "horizon_count": heads.horizon.count,
+                "horizon_spend": heads.horizon.spend,
+                "churn_prob": torch.sigmoid(heads.churn_logit),
+                "p_alive": 1.0 - p_dormant_after_silence(heads.gap, silence),
+            }
             parts.append({k: v.float().cpu().numpy() for k, v in outputs.items()})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -71,13 +89,14 @@ def heads_forecast(
     """Holdout forecast from the churn and horizon heads (see the module docstring)."""
     start, end = window_bounds(sequences, holdout_end)
     ratio = ((end - start) / pd.Timedelta(days=1)) / horizon_days
-    heads = head_outputs_at_last_event(model, sequences)
+    heads = heads_at_last_event(model, sequences, elapsed_days(sequences, start))
     churn = np.clip(heads["churn_prob"].astype(float), 0.0, 1.0)
+    p_alive = np.clip(heads["p_alive"].astype(float), 0.0, 1.0)
     return pd.DataFrame(
         {
-            "pred_txn": heads["horizon_count"].astype(float) * ratio,
-            "pred_spend": heads["horizon_spend"].astype(float) * ratio,
-            "p_any": 1.0 - churn**ratio,
+            "pred_txn": p_alive * heads["horizon_count"].astype(float) * ratio,
+            "pred_spend": p_alive * heads["horizon_spend"].astype(float) * ratio,
+            "p_any": p_alive * (1.0 - churn**ratio),
         },
         index=pd.Index(sequences.customer_ids, name="customer_id"),
     )

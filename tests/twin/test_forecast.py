@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from fintwin.twin.evaluation import weekly_tracking
 from fintwin.twin.forecast import (
@@ -43,6 +44,18 @@ def test_heads_forecast_scales_the_horizon_to_the_holdout(events: pd.DataFrame) 
     np.testing.assert_allclose(forecast["pred_spend"], 50.0 * ratio, rtol=1e-5)
     np.testing.assert_allclose(forecast["p_any"], 1 - 0.25**ratio, rtol=1e-5)
     assert forecast.index.tolist() == ["c0", "c1", "c2"]
+
+
+def test_heads_forecast_weighs_by_p_alive_after_the_silence(events: pd.DataFrame) -> None:
+    """Silent 0.5, 10 and 40 days: P(alive) = (1 - p) S(c) / (p + (1 - p) S(c))."""
+    heads = KnownHeads(gap_median=5.0, gap_sigma=0.5, p_dormant=0.2, count=2.0, spend=50.0)
+    model = fix_heads(build_twin("lstm"), heads)
+    forecast = heads_forecast(model, SPEC.sequences(events, CUTOFF), HOLDOUT_END, HORIZON_DAYS)
+    survival = stats.lognorm.sf([0.5, 10.0, 40.0], s=0.5, scale=5.0)
+    p_alive = 0.8 * survival / (0.2 + 0.8 * survival)
+    np.testing.assert_allclose(forecast["pred_txn"], p_alive * 2.0 * 61 / 30, rtol=2e-3)
+    np.testing.assert_allclose(forecast["pred_spend"], p_alive * 50.0 * 61 / 30, rtol=2e-3)
+    assert forecast["pred_txn"].is_monotonic_decreasing
 
 
 def test_rollout_forecast_and_its_weekly_curve(events: pd.DataFrame) -> None:
