@@ -156,9 +156,8 @@ class TimeHead(nn.Module):
     ``loc_offset`` centres the component means (the mean log gap of the training data);
     the components start spread over ``loc_offset -/+ 1.5 loc_spread`` with that spread as
     their scale, and the dormancy probability at ``dormancy_init`` (the population fit), so
-    training starts from the data's marginal gap distribution. (Started at 0.5, the
-    dormancy stayed far above its maximum-likelihood value: batches of one length, from
-    length bucketing, pull it up and down in turn and Adam's steps shrink to nothing.)
+    training starts from the data's marginal gap distribution. (Length-bucketed batches
+    still bias the dormancy upwards during training: see ``data.bucket_by_length``.)
     """
 
     def __init__(self, hidden_size: int, n_components: int = 8, loc_offset: float = 0.0,
