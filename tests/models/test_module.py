@@ -131,7 +131,9 @@ def test_sampled_events_feed_back_into_the_state(make_module, make_batch, encode
 
 
 def test_tiny_batch_overfits(make_module, make_batch, encoder_config):
-    """On a deterministic repeating sequence type accuracy reaches 1.0 within 150 steps."""
+    """On a deterministic repeating sequence type accuracy reaches 1.0 within 150 steps, the
+    type NLL falls below 0.3 nats per event and the whole loss (whose random gaps and amounts
+    cannot be memorised to zero) falls at least tenfold."""
     module = make_module(encoder_config).train()
     batch = _repeating_batch(make_batch)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
@@ -150,7 +152,7 @@ def test_tiny_batch_overfits(make_module, make_batch, encoder_config):
     accuracy = (logits.argmax(-1) == batch["next_type"])[observed].float().mean()
     assert accuracy == 1.0
     assert -terms["type"].sum() / observed.sum() < 0.3
-    assert float(loss) < 2.0 < first / 5
+    assert float(loss) < first / 10
 
 
 def _loader(batches: list[dict]) -> torch.utils.data.DataLoader:
