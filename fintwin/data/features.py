@@ -16,6 +16,7 @@ import pandas as pd
 PAD_ID = 0
 OOV_ID = 1
 NS_PER_DAY = 86_400 * 10**9
+MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clamped to it)
 SEQUENCE_INPUTS = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour")
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from scipy import optimize, stats
 
-from fintwin.data.features import NS_PER_DAY, Vocab, customer_groups, event_features
+from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY, Vocab, customer_groups, event_features
 
 TARGETS = (
     "next_type",
@@ -139,7 +139,6 @@ def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[s
     return {name: float(count) / max(int(chosen.sum()), 1) for name, count in counts.items()}
 
 
-MIN_GAP_DAYS = 1e-3
 MAX_FIT_GAPS = 200_000  # per kind; a seeded subsample beyond this keeps the fit fast
 
 

@@ -46,6 +46,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit, log_ndtr
 
+from fintwin.data.features import MIN_GAP_DAYS
+
 EVENT_TYPES: tuple[str, ...] = (
     "salary",
     "card_payment",
@@ -55,7 +57,6 @@ EVENT_TYPES: tuple[str, ...] = (
     "app_login",
 )
 SEGMENTS: tuple[str, ...] = ("student", "salaried", "high_net_worth", "small_business")
-MIN_GAP_DAYS = 1e-3
 LOG_COLUMNS: tuple[str, ...] = (
     "log_p_type",
     "log_p_gap",

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MIN_GAP_DAYS = 1e-3
+from fintwin.data.features import MIN_GAP_DAYS
+
 LOG_GAP_MIN = math.log(MIN_GAP_DAYS)
 LOG_GAP_MAX = math.log(3650.0)  # component medians within ten years; longer = dormancy
 LOG_SCALE_MIN = -5.0
