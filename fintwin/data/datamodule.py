@@ -143,7 +143,7 @@ class EventDataModule(pl.LightningDataModule):
         test_fraction: float = 0.1,
         batch_size: int = 64,
         num_workers: int = 0,
-        bucket_by_length: bool = True,
+        bucket_by_length: bool = False,
         seed: int = 0,
         simulator: object | None = None,
         events: pd.DataFrame | None = None,

@@ -112,6 +112,7 @@ def test_split_is_disjoint_seeded_and_complete(events):
 
 def test_bucketed_loader_covers_train_once_with_less_padding(events):
     dm = _datamodule(events)
+    dm.bucket_by_length = True
     seen, padded, real = [], 0, 0
     for batch in dm.train_dataloader():
         seen.append(batch["length"])
