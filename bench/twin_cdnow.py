@@ -26,20 +26,11 @@ from machine_info import cpu_model
 from rich.console import Console
 from rich.table import Table
 
+from fintwin.twin.evaluation import METRIC_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
 MODELS = ("twin", "twin_heads", "bgnbd")
-METRICS = (
-    "txn_mae",
-    "txn_rmse",
-    "txn_total_pct_err",
-    "spend_mae",
-    "spend_rmse",
-    "spend_total_pct_err",
-    "auroc_any",
-    "spend_gini",
-    "spend_decile_mape",
-)
 RMSE_GAIN = 0.05  # the twin's RMSE must be at least 5% below BG/NBD's
 TOTAL_TOLERANCE = 5.0  # percent
 
@@ -75,7 +66,7 @@ def results_table(runs: list[dict[str, dict[str, float]]]) -> Table:
     table = Table(title=f"CDNOW holdout {HOLDOUT_END}: mean ± sd over {len(runs)} seeds")
     for column in ("metric", *MODELS, "twin vs BG/NBD"):
         table.add_column(column, justify="right")
-    for metric in METRICS:
+    for metric in METRIC_KEYS:
         means = {m: statistics.mean(run[m][metric] for run in runs) for m in MODELS}
         relative = (
             f"{means['twin'] - means['bgnbd']:+.2f} pts"
