@@ -7,6 +7,8 @@ events, on the test customers' calibration events.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from scipy import stats
@@ -61,18 +63,25 @@ def gap_baselines(datamodule: EventDataModule) -> dict[str, float]:
     }
 
 
+def _test_batches(
+    model: TwinModule, datamodule: EventDataModule, batch_size: int = 256
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The test customers' padded batches, on the model's device."""
+    index = datamodule.splits["test"]
+    for lo in range(0, len(index), batch_size):
+        batch = datamodule.sequences.batch(index[lo : lo + batch_size])
+        yield {k: v.to(model.device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def model_event_log_likelihood(
-    model: TwinModule, datamodule: EventDataModule, batch_size: int = 256
+    model: TwinModule, datamodule: EventDataModule
 ) -> dict[str, np.ndarray]:
     """Per-position log-likelihood terms of the model on the test customers ``[N, T]``."""
     model.eval()
-    index = datamodule.splits["test"]
-    width = int(datamodule.sequences.lengths[index].max())
+    width = int(datamodule.sequences.lengths[datamodule.splits["test"]].max())
     parts: dict[str, list[np.ndarray]] = {}
-    for lo in range(0, len(index), batch_size):
-        batch = datamodule.sequences.batch(index[lo : lo + batch_size])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+    for batch in _test_batches(model, datamodule):
         terms = model.per_event_log_likelihood(batch)
         for name, value in terms.items():
             padded = np.zeros((value.shape[0], width), dtype=value.cpu().numpy().dtype)
@@ -81,9 +90,35 @@ def model_event_log_likelihood(
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
+@torch.no_grad()
+def gap_calibration(model: TwinModule, datamodule: EventDataModule) -> dict[str, float]:
+    """Calibration of the gap distribution given a return on the observed test gaps.
+
+    PIT = F(observed gap | return). ``time_pit_below_median``: share of PITs below 0.5
+    (0.5 when calibrated); ``time_pit_ks``: largest distance between the PITs' empirical
+    CDF and the uniform one (0 when calibrated).
+    """
+    model.eval()
+    pits = []
+    for batch in _test_batches(model, datamodule):
+        gap = model.head_outputs(model(batch)).gap
+        steps = torch.arange(batch["event_type"].shape[1], device=model.device)
+        observed = (steps[None, :] < batch["length"][:, None]) & ~batch["gap_censored"]
+        pits.append(gap.cdf_given_return(batch["next_gap"])[observed].double().cpu().numpy())
+    pit = np.sort(np.concatenate(pits))
+    if len(pit) == 0:
+        return {}
+    ranks = np.arange(1, len(pit) + 1) / len(pit)
+    return {
+        "test/time_pit_below_median": float((pit < 0.5).mean()),
+        "test/time_pit_ks": float(np.maximum(ranks - pit, pit - (ranks - 1 / len(pit))).max()),
+    }
+
+
 def quality_report(model: TwinModule, datamodule: EventDataModule) -> dict[str, float]:
-    """Baseline comparisons for metrics.json (oracle terms on simulated data)."""
-    metrics = gap_baselines(datamodule)
+    """Baseline comparisons and gap calibration for metrics.json (oracle terms on simulated
+    data)."""
+    metrics = gap_baselines(datamodule) | gap_calibration(model, datamodule)
     if datamodule.source == "synthetic":
         from fintwin.models.oracle_comparison import oracle_comparison
 
