@@ -128,21 +128,34 @@ class EventEmbedding(nn.Module):
 
 RECENCY_CAP_DAYS = 3650.0
 RECENCY_LINEAR_DAYS = 60.0
-SCAN_STEPS = 16  # running maximum over up to 2**16 events
+SCAN_STEPS = 16  # exported running maximum: over up to 2**16 events
 
 
 def causal_running_max(values: Tensor) -> Tensor:
     """Running maximum along dim 1 (``out[:, t] = max(values[:, :t + 1])``).
 
-    Written as a fixed number of shift-and-max doublings, which export to ONNX with a
-    dynamic sequence axis (``torch.cummax`` does not export).
+    ``torch.cummax`` in eager mode; `doubling_running_max` while exporting, since
+    ``torch.cummax`` does not export to ONNX.
     """
-    length = values.shape[1]
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return doubling_running_max(values)
+    return torch.cummax(values, dim=1).values
+
+
+def doubling_running_max(values: Tensor) -> Tensor:
+    """`causal_running_max` as ``SCAN_STEPS`` shift-and-max doublings on ``[B, T, ...]``.
+
+    Each shift is a gather of earlier positions (``-inf`` before the start), so every
+    intermediate keeps the input's shape and the sequence axis stays dynamic in ONNX.
+    """
+    positions = torch.arange(values.shape[1], device=values.device)
+    view = (1, -1) + (1,) * (values.dim() - 2)
     out = values
     for k in range(SCAN_STEPS):
-        shift = 2**k
-        shifted = F.pad(out, (0, 0, shift, 0), value=-math.inf)[:, :length]
-        out = torch.maximum(out, shifted)
+        source = positions - 2**k
+        shifted = out.index_select(1, source.clamp(min=0))
+        earlier = torch.where((source >= 0).view(view), shifted, -math.inf)
+        out = torch.maximum(out, earlier)
     return out
 
 

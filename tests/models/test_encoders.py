@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from fintwin.models.encoders import RECENCY_CAP_DAYS, TypeRecency, build_encoder, gather_last
+from fintwin.models.encoders import (
+    RECENCY_CAP_DAYS,
+    TypeRecency,
+    build_encoder,
+    causal_running_max,
+    doubling_running_max,
+    gather_last,
+)
 
 N_NUMERIC = 2
 SEQUENCE_KEYS = (
@@ -152,3 +161,13 @@ def test_type_recency_steps_match_the_full_pass(make_batch):
         features, since = recency.step(event, since)
         torch.testing.assert_close(since, full[:, t])
         torch.testing.assert_close(features[:, 0], recency.features(full[:, t]))
+
+
+@pytest.mark.parametrize("length", [1, 5, 300])
+def test_exported_running_max_equals_cummax(length):
+    """The export path (shift-and-max doublings) and the eager one (cummax) agree exactly."""
+    values = torch.randn(3, length, 4, dtype=torch.float64)
+    values[values < -0.5] = -math.inf  # "no event of this type yet"
+    expected = torch.cummax(values, dim=1).values
+    assert torch.equal(doubling_running_max(values), expected)
+    assert torch.equal(causal_running_max(values), expected)
