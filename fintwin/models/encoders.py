@@ -137,7 +137,7 @@ def causal_running_max(values: Tensor) -> Tensor:
     ``torch.cummax`` in eager mode; `doubling_running_max` while exporting, since
     ``torch.cummax`` does not export to ONNX.
     """
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_exporting():
         return doubling_running_max(values)
     return torch.cummax(values, dim=1).values
 

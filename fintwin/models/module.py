@@ -163,6 +163,12 @@ class HeadOutputs:
         return {"event_type": event_type, "gap": gap, "dormant": dormant, "amount": amount}
 
 
+def observed_next_events(batch: Mapping[str, Tensor]) -> Tensor:
+    """``[B, T]`` positions whose next event was observed before the cut-off."""
+    valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
+    return valid & ~batch["gap_censored"] & (batch["next_type"] > 0)
+
+
 class TwinModule(pl.LightningModule):
     """Customer twin: causal encoder + next-event, churn and horizon heads.
 
@@ -256,7 +262,7 @@ class TwinModule(pl.LightningModule):
     def _log_likelihood(self, batch: Mapping[str, Tensor], out: HeadOutputs) -> dict[str, Tensor]:
         valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
         censored = batch["gap_censored"] & valid
-        observed = valid & ~censored & (batch["next_type"] > 0)
+        observed = observed_next_events(batch)
         next_type = batch["next_type"].clamp(min=1)
         type_ll = torch.log_softmax(out.type_logits, dim=-1).gather(-1, next_type[..., None])
         zero = out.type_logits.new_zeros(observed.shape)

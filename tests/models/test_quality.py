@@ -1,4 +1,4 @@
-"""Plain next-gap baselines, checked against the raw event table by hand."""
+"""Plain next-gap baselines and gap calibration, checked by hand and against scipy."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch
 from scipy import stats
 
 from fintwin.data.datamodule import EventDataModule
+from fintwin.data.features import NS_PER_DAY
 from fintwin.data.sequences import fit_population_gaps, training_gaps
 from fintwin.models.heads import GapDistribution
 from fintwin.models.quality import gap_baselines, gap_calibration
-
-NS_PER_DAY = 86_400e9
 
 
 @pytest.fixture
