@@ -12,7 +12,8 @@ training only affects the encoder and the linear layers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,20 @@ QUANTILE_ITERATIONS = 5
 QUANTILE_POINTS = 63
 QUANTILE_SPAN = 9.0  # bisection bracket: component means -/+ this many standard deviations
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+Distribution = TypeVar("Distribution")
+
+
+def at_positions(distribution: Distribution, mask: Tensor) -> Distribution:
+    """The same distribution restricted to the positions where ``mask`` (``[B, T]``) is True.
+
+    Every tensor field is indexed on its leading ``[B, T]`` dimensions, so per-position
+    statistics (quantiles, means) can be computed on the positions that are scored only.
+    """
+    return replace(
+        distribution,
+        **{field.name: getattr(distribution, field.name)[mask] for field in fields(distribution)},
+    )
 
 
 def normal_log_prob(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:

@@ -65,6 +65,7 @@ from fintwin.models.heads import (
     HorizonPrediction,
     TimeHead,
     TypeHead,
+    at_positions,
     gumbel_argmax,
 )
 
@@ -346,12 +347,12 @@ class TwinModule(pl.LightningModule):
         if logits.shape[0] > 0:  # a batch of single-event customers has no next event
             metrics["type_acc"].update(logits, batch["next_type"][observed])
             metrics["type_acc5"].update(logits, batch["next_type"][observed])
-            median = out.gap.quantiles(logits.new_tensor([0.5]))[..., 0]
-            metrics["time_mae"].update(median[observed].detach(), batch["next_gap"][observed])
-            amount_mean = out.amount.marginal_mean(torch.softmax(out.type_logits, dim=-1))
-            metrics["amount_mae"].update(
-                amount_mean[observed].detach(), batch["next_amount"][observed]
+            median = at_positions(out.gap, observed).quantiles(logits.new_tensor([0.5]))[:, 0]
+            metrics["time_mae"].update(median, batch["next_gap"][observed])
+            amount_mean = at_positions(out.amount, observed).marginal_mean(
+                torch.softmax(logits, dim=-1)
             )
+            metrics["amount_mae"].update(amount_mean, batch["next_amount"][observed])
         metrics["type_nll"].update(-ll["type"].sum(), n_observed)
         metrics["time_nll"].update(-(ll["gap"].sum() + ll["censored"].sum()), n_observed)
         metrics["amount_nll"].update(-ll["amount"].sum(), n_observed)

@@ -12,6 +12,7 @@ from fintwin.models.heads import (
     AmountDistribution,
     GapDistribution,
     TypeHead,
+    at_positions,
     poisson_nll,
     tweedie_deviance,
 )
@@ -88,6 +89,19 @@ def test_mean_and_dormancy_match_monte_carlo(gap):
     samples, dormant = expanded.sample(torch.Generator().manual_seed(1))
     torch.testing.assert_close(samples.mean(0), gap.mean(), rtol=0.03, atol=0)
     torch.testing.assert_close(dormant.float().mean(0), gap.dormant_prob, atol=0.005, rtol=0)
+
+
+def test_statistics_at_selected_positions_equal_the_full_ones_indexed(gap, amount):
+    """``at_positions`` keeps only the masked rows of a ``[B, T]`` layout, in order."""
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    gap_grid = _apply(gap, lambda t: torch.stack([t, t.flip(0)]))  # [2, 3, ...]
+    selected = at_positions(gap_grid, mask)
+    assert selected.loc.shape == (3, 3) and selected.dormant_logit.shape == (3,)
+    torch.testing.assert_close(selected.quantiles(levels), gap_grid.quantiles(levels)[mask])
+    torch.testing.assert_close(selected.dormant_prob, gap.dormant_prob[[0, 2, 1]])
+    amount_grid = _apply(amount, lambda t: torch.stack([torch.cat([t, t[:1]])] * 2))
+    torch.testing.assert_close(at_positions(amount_grid, mask).mean(), amount_grid.mean()[mask])
 
 
 def test_amount_distribution_is_normalised_per_type(amount):
