@@ -4,7 +4,7 @@ Each encoder as configured in ``configs/model`` (hidden 128; LSTM 1 layer, trans
 is trained with batch 64 on customers from fintwin's simulator, at two maximum sequence
 lengths, with and without length bucketing. Every cell is trained twice on the same batches:
 by a Lightning ``Trainer`` (``train/loss`` logged every step, loss terms and metrics every
-10th) and by a bare PyTorch loop that minimises the module's own ``loss`` (same losses, no
+50th) and by a bare PyTorch loop that minimises the module's own ``loss`` (same losses, no
 logging or metrics), AdamW with the module's parameter groups
 and schedule, and gradient clipping at norm 1. "Lightning / bare" is the ratio of their step
 times (median of the per-repetition ratios; runs of a pair are adjacent in time).
@@ -205,7 +205,7 @@ def train_lightning(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         gradient_clip_val=GRADIENT_CLIP,
-        log_every_n_steps=10,  # as configs/trainer/default.yaml
+        log_every_n_steps=50,  # as configs/trainer/default.yaml
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
