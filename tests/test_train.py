@@ -13,6 +13,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
 from fintwin.errors import FintwinInputError
+from fintwin.models.checkpoint import load_twin
 from fintwin.training import register_resolvers, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,19 @@ def test_train_end_to_end(tmp_path, events_csv, model):
     assert 0 <= saved["test/type_acc"] <= 1 and saved["test/time_mae"] > 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert f"name: {model}" in (tmp_path / "config.yaml").read_text()
+
+
+def test_checkpoints_hold_the_weight_average(tmp_path, events_csv):
+    """``state_dict`` is the EMA of the weights, which ``load_twin`` serves; the raw weights
+    are kept for resuming."""
+    run(compose_cfg(tmp_path, tiny_overrides(events_csv, "lstm") + ["test=false"]))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == current.keys()
+    name = "encoder.lstm.weight_ih_l0"
+    assert not torch.allclose(averaged[name], current[name])
+    torch.testing.assert_close(load_twin(last).model.state_dict()[name], averaged[name])
 
 
 def test_resume_from_last_checkpoint_continues_global_step(tmp_path, events_csv):
