@@ -102,6 +102,16 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return getattr(callback, "best_model_path", None) or None
 
 
+def load_served_weights(model: pl.LightningModule, ckpt: str) -> None:
+    """Load a checkpoint's ``state_dict``: the weights ``load_twin`` and the export serve.
+
+    With a weight average, that is the average; ``trainer.test(ckpt_path=...)`` would load the
+    raw training weights (``current_model_state``) instead.
+    """
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, test with the best checkpoint, write metrics.json and config.yaml; return metrics."""
     validate_config(cfg)
@@ -112,7 +122,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
         best = _best_checkpoint(trainer)
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if best:
+            load_served_weights(model, best)
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
         from fintwin.models.quality import quality_report
 

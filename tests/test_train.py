@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import load_twin
-from fintwin.training import register_resolvers, run
+from fintwin.training import build, register_resolvers, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -75,6 +75,16 @@ def test_checkpoints_hold_the_weight_average(tmp_path, events_csv):
     name = "encoder.lstm.weight_ih_l0"
     assert not torch.allclose(averaged[name], current[name])
     torch.testing.assert_close(load_twin(last).model.state_dict()[name], averaged[name])
+
+
+def test_test_metrics_score_the_served_weights(tmp_path, events_csv):
+    """metrics.json's test loss is that of the checkpoint's served (averaged) weights."""
+    cfg = compose_cfg(tmp_path, tiny_overrides(events_csv, "lstm"))
+    metrics = run(cfg)
+    datamodule, _, trainer = build(cfg)
+    served = load_twin(metrics["best_checkpoint"]).model
+    results = trainer.test(served, datamodule=datamodule, verbose=False)[0]
+    assert results["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
 
 def test_resume_from_last_checkpoint_continues_global_step(tmp_path, events_csv):
