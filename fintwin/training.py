@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fintwin.errors import FintwinInputError
+from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.encoders import ENCODERS
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,6 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return getattr(callback, "best_model_path", None) or None
 
 
-def load_served_weights(model: pl.LightningModule, ckpt: str) -> None:
-    """Load a checkpoint's ``state_dict``: the weights ``load_twin`` and the export serve.
-
-    With a weight average, that is the average; ``trainer.test(ckpt_path=...)`` would load the
-    raw training weights (``current_model_state``) instead.
-    """
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(state)
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train, test with the best checkpoint, write metrics.json and config.yaml; return metrics."""
     validate_config(cfg)
@@ -122,8 +113,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
         best = _best_checkpoint(trainer)
-        if best:
-            load_served_weights(model, best)
+        if best:  # the served weights; trainer.test(ckpt_path=) restores the raw ones under EMA
+            model.load_state_dict(read_checkpoint(best)["state_dict"])
         results = trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
         from fintwin.models.quality import quality_report

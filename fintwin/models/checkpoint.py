@@ -33,17 +33,26 @@ class TrainedTwin:
         return pd.Timestamp(self.data["observation_end"])
 
 
-def load_twin(path: str | Path) -> TrainedTwin:
-    """Read a checkpoint written by ``train.py`` (weights only, no unpickling of code)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dictionary on the CPU (weights only, no unpickling of code).
+
+    Its ``state_dict`` holds the served weights: the weight average when training kept one
+    (the raw weights are then in ``current_model_state``, for resuming).
+    """
     path = Path(path)
     if not path.is_file():
         raise FintwinInputError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise FintwinInputError(
             f"{path}: not a readable checkpoint ({err.__class__.__name__}: {err})"
         ) from err
+
+
+def load_twin(path: str | Path) -> TrainedTwin:
+    """Read a checkpoint written by ``train.py`` with its served weights."""
+    ckpt = read_checkpoint(path)
     if DATA_STATE_KEY not in ckpt or "hyper_parameters" not in ckpt:
         raise FintwinInputError(
             f"{path}: not a fintwin checkpoint (no data settings or hyper-parameters)"

@@ -15,6 +15,7 @@ from scipy import stats
 
 from fintwin.data.datamodule import EventDataModule
 from fintwin.data.sequences import MIN_GAP_DAYS, fit_population_gaps, training_gaps
+from fintwin.models.heads import at_positions
 from fintwin.models.module import TwinModule, observed_next_events
 
 
@@ -101,9 +102,9 @@ def gap_calibration(model: TwinModule, datamodule: EventDataModule) -> dict[str,
     model.eval()
     pits = []
     for batch in _test_batches(model, datamodule):
-        gap = model.head_outputs(model(batch)).gap
         observed = observed_next_events(batch)
-        pits.append(gap.cdf_given_return(batch["next_gap"])[observed].double().cpu().numpy())
+        gap = at_positions(model.head_outputs(model(batch)).gap, observed)
+        pits.append(gap.cdf_given_return(batch["next_gap"][observed]).double().cpu().numpy())
     pit = np.concatenate(pits)
     if len(pit) == 0:
         return {}
