@@ -19,14 +19,15 @@ loading in the timed loop (``num_workers=0``), no logger, checkpointing or progr
 ``--peers PYTHON`` also writes the same events to Parquet and runs the peer yardstick
 (``shared/bench/peer_throughput.py``: HoTPP RMTPP and pytorch-lifestream GRU) on that file in
 every repetition, with the same steps; see ``bench/peers.md`` for the peer virtualenv. On a
-CUDA machine fp32 is compared with bf16-mixed, with the model FLOP utilisation.
+CUDA machine fp32 is compared with bf16-mixed at batch 64 and 512, with the model FLOP
+utilisation (``--gpu-only``: that table alone).
 
 Customers with a single event are left out of the data: the pytorch-lifestream task holds
 out each customer's last event as its target, so this way every model trains on the same
 customers.
 
 Run:  python bench/train.py [--customers 20000] [--steps 50] [--repeats 3] [--quick]
-                            [--peers /path/to/peer-venv/bin/python]
+                            [--peers /path/to/peer-venv/bin/python] [--gpu-only]
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ MAX_LENS = (64, 200)
 PEER_MAX_LEN = 200  # the yardstick's max length
 HORIZON_DAYS = 30.0  # as configs/data/synthetic.yaml
 GRADIENT_CLIP = 1.0
+GPU_BATCH_SIZES = (64, 512)  # the CPU benchmark's batch, and one that keeps a GPU busier
 MAX_OVERHEAD = 1.10  # Lightning / bare step time
 SEED = 0
 # Dense peak FLOP/s (bf16 tensor cores, fp32 without TF32), matched on the device name.
@@ -159,7 +161,9 @@ def simulated_events(customers: int) -> pd.DataFrame:
     return events[sizes > 1].reset_index(drop=True)
 
 
-def datamodule(events: pd.DataFrame, max_len: int, bucketed: bool) -> EventDataModule:
+def datamodule(
+    events: pd.DataFrame, max_len: int, bucketed: bool, batch_size: int = BATCH_SIZE
+) -> EventDataModule:
     """Every customer in training, every event in the calibration period."""
     data = EventDataModule(
         source="simulator",
@@ -168,7 +172,7 @@ def datamodule(events: pd.DataFrame, max_len: int, bucketed: bool) -> EventDataM
         max_len=max_len,
         val_fraction=0.0,
         test_fraction=0.0,
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         bucket_by_length=bucketed,
         seed=SEED,
         events=events,
@@ -299,18 +303,24 @@ def peak_flops(precision: str) -> float | None:
     return None
 
 
-def gpu_table(datas: dict[tuple[int, bool], EventDataModule], args: argparse.Namespace) -> Table:
+def gpu_table(events: pd.DataFrame, args: argparse.Namespace) -> Table:
     """fp32 vs bf16-mixed Lightning throughput and model FLOP utilisation, bucketed, max 200."""
     table = Table(
-        title=f"GPU: {torch.cuda.get_device_name()}, Lightning, bucketed, max length 200",
+        title=f"GPU: {torch.cuda.get_device_name()}, Lightning, bucketed, max length 200 (median)",
         box=box.MARKDOWN,
     )
-    for column in ("encoder", "precision", "real events/s", "ms/step", "TFLOP/s", "MFU"):
+    columns = ("encoder", "batch", "precision", "real events/s", "ms/step", "TFLOP/s", "MFU")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("encoder", "precision") else "right")
-    data = datas[(200, True)]
-    for encoder in NUM_LAYERS:
-        flops_per_event = model_flops_per_event(twin(encoder, data), data)
-        for precision in ("32-true", "bf16-mixed"):
+    for batch_size in GPU_BATCH_SIZES:
+        data = datamodule(events, 200, bucketed=True, batch_size=batch_size)
+        if args.warmup + args.steps > len(data.train_dataloader()):
+            raise SystemExit(
+                f"--warmup + --steps exceeds one epoch at batch {batch_size} "
+                f"({len(data.train_dataloader())} batches): raise --customers"
+            )
+        for encoder, precision in itertools.product(NUM_LAYERS, ("32-true", "bf16-mixed")):
+            flops_per_event = model_flops_per_event(twin(encoder, data), data)
             runs = [
                 train_lightning(
                     twin(encoder, data), data, args.warmup + args.steps, "cuda", precision
@@ -322,11 +332,12 @@ def gpu_table(datas: dict[tuple[int, bool], EventDataModule], args: argparse.Nam
             peak = peak_flops(precision)
             table.add_row(
                 encoder,
+                str(batch_size),
                 precision,
                 f"{events_per_s:,.0f}",
                 f"{statistics.median(run.ms_per_step for run in runs):.1f}",
                 f"{achieved / 1e12:.2f}",
-                f"{achieved / peak:.1%}" if peak else "n/a",
+                f"{achieved / peak:.2%}" if peak else "n/a",
             )
     return table
 
@@ -435,11 +446,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="repetitions (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--peers", metavar="PYTHON", help="python of the peer virtualenv")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU table (CUDA)")
     args = parser.parse_args()
     if args.quick:
         args.customers, args.steps, args.warmup, args.repeats = 1000, 4, 2, 1
     if args.warmup < 1:
         parser.error("--warmup must be >= 1")
+    if args.gpu_only and not torch.cuda.is_available():
+        parser.error("--gpu-only needs a CUDA device")
     return args
 
 
@@ -454,6 +468,9 @@ def main() -> None:
     console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {machine()}")
 
     events = simulated_events(args.customers)
+    if args.gpu_only:
+        console.print(gpu_table(events, args))
+        return
     datas = {(n, b): datamodule(events, n, b) for n in MAX_LENS for b in (True, False)}
     steps = args.warmup + args.steps
     shortest = min(len(data.train_dataloader()) for data in datas.values())
@@ -486,7 +503,7 @@ def main() -> None:
     if peers:
         console.print(peer_table(results, peers))
     if torch.cuda.is_available():
-        console.print(gpu_table(datas, args))
+        console.print(gpu_table(events, args))
 
 
 if __name__ == "__main__":
