@@ -47,6 +47,6 @@ check throughput 200 "$PY" bench/train.py --gpu-only --customers 80000 --steps 3
 train_run train_auto 150
 train_run train_fp32 120 trainer.precision=32-true
 check rollout 100 "$PY" bench/rollout.py --transformer-customers 10000
-train_run transformer 120 experiment=cdnow_transformer
+train_run transformer 240 experiment=cdnow_transformer
 echo "== $failures failed check(s); logs in $LOGS"
 exit "$failures"
