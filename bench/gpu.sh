@@ -29,14 +29,10 @@ check() {  # check NAME SECONDS COMMAND...: run, log, print the tail and the wal
   [ "$rc" -eq 0 ] || failures=$((failures + 1))
 }
 
-train_run() {  # train_run NAME SECONDS OVERRIDES...: train.py, then its metrics.json
+train_run() {  # train_run NAME SECONDS OVERRIDES...: train.py, which logs its test metrics last
   local name=$1 limit=$2
   shift 2
-  check "$name" "$limit" bash -c "$PY train.py hydra.run.dir=$RUNS/$name $* && $PY -c '
-import json, sys
-metrics = json.load(open(sys.argv[1]))
-keys = \"loss event_nll type_acc time_nll time_mae amount_mae churn_auroc\".split()
-print(*(k + \"=\" + format(metrics[\"test/\" + k], \".4f\") for k in keys))' $RUNS/$name/metrics.json"
+  TAIL=${TAIL:-26} check "$name" "$limit" "$PY" train.py "hydra.run.dir=$RUNS/$name" "$@"
 }
 
 check env 60 "$PY" -c "

@@ -43,6 +43,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -303,6 +304,17 @@ def peak_flops(precision: str) -> float | None:
     return None
 
 
+def require_one_epoch(datas: Iterable[EventDataModule], args: argparse.Namespace) -> None:
+    """Every timed run must fit in one epoch of each data module (the runs see the same batches)."""
+    steps = args.warmup + args.steps
+    shortest = min(len(data.train_dataloader()) for data in datas)
+    if steps > shortest:
+        raise SystemExit(
+            f"--warmup + --steps = {steps} exceeds one epoch ({shortest} batches): "
+            "raise --customers or lower --steps"
+        )
+
+
 def gpu_table(events: pd.DataFrame, args: argparse.Namespace) -> Table:
     """fp32 vs bf16-mixed Lightning throughput and model FLOP utilisation, bucketed, max 200."""
     table = Table(
@@ -314,31 +326,28 @@ def gpu_table(events: pd.DataFrame, args: argparse.Namespace) -> Table:
         table.add_column(column, justify="left" if column in ("encoder", "precision") else "right")
     for batch_size in GPU_BATCH_SIZES:
         data = datamodule(events, 200, bucketed=True, batch_size=batch_size)
-        if args.warmup + args.steps > len(data.train_dataloader()):
-            raise SystemExit(
-                f"--warmup + --steps exceeds one epoch at batch {batch_size} "
-                f"({len(data.train_dataloader())} batches): raise --customers"
-            )
-        for encoder, precision in itertools.product(NUM_LAYERS, ("32-true", "bf16-mixed")):
+        require_one_epoch([data], args)
+        for encoder in NUM_LAYERS:
             flops_per_event = model_flops_per_event(twin(encoder, data), data)
-            runs = [
-                train_lightning(
-                    twin(encoder, data), data, args.warmup + args.steps, "cuda", precision
-                ).throughput(args.warmup)
-                for _ in range(args.repeats)
-            ]
-            events_per_s = statistics.median(run.events_per_s for run in runs)
-            achieved = flops_per_event * events_per_s
-            peak = peak_flops(precision)
-            table.add_row(
-                encoder,
-                str(batch_size),
-                precision,
-                f"{events_per_s:,.0f}",
-                f"{statistics.median(run.ms_per_step for run in runs):.1f}",
-                f"{achieved / 1e12:.2f}",
-                f"{achieved / peak:.2%}" if peak else "n/a",
-            )
+            for precision in ("32-true", "bf16-mixed"):
+                runs = [
+                    train_lightning(
+                        twin(encoder, data), data, args.warmup + args.steps, "cuda", precision
+                    ).throughput(args.warmup)
+                    for _ in range(args.repeats)
+                ]
+                events_per_s = statistics.median(run.events_per_s for run in runs)
+                achieved = flops_per_event * events_per_s
+                peak = peak_flops(precision)
+                table.add_row(
+                    encoder,
+                    str(batch_size),
+                    precision,
+                    f"{events_per_s:,.0f}",
+                    f"{statistics.median(run.ms_per_step for run in runs):.1f}",
+                    f"{achieved / 1e12:.2f}",
+                    f"{achieved / peak:.2%}" if peak else "n/a",
+                )
     return table
 
 
@@ -472,10 +481,8 @@ def main() -> None:
         console.print(gpu_table(events, args))
         return
     datas = {(n, b): datamodule(events, n, b) for n in MAX_LENS for b in (True, False)}
+    require_one_epoch(datas.values(), args)
     steps = args.warmup + args.steps
-    shortest = min(len(data.train_dataloader()) for data in datas.values())
-    if steps > shortest:
-        raise SystemExit(f"--warmup + --steps = {steps} exceeds one epoch ({shortest} batches)")
     console.print(
         f"{events['customer_id'].nunique():,} customers, {len(events):,} events; "
         f"{args.steps} timed + {args.warmup} warm-up steps, {args.repeats} repetitions"
