@@ -201,33 +201,107 @@ class TypeRecency(nn.Module):
         return self.features(since).unsqueeze(1), since
 
 
-class EventInput(nn.Module):
-    """Shared input of both encoders: ``EventEmbedding`` plus optional ``TypeRecency``.
+class HistorySummary(nn.Module):
+    """Running statistics of the history so far, as features added to the event embedding.
 
-    Subclasses set ``self.embedding`` and ``self.recency`` (``None`` when off).
+    At each position, over the events up to it: ``log1p`` of the number of events, of the
+    days since the first event and of the number of gaps per 30 days (the customer's rate,
+    as BG/NBD's frequency / age), and the mean ``log1p(gap)`` and ``log1p(amount)``
+    (standardised with the featuriser's statistics), projected to ``dim``. Computed from
+    ``delta_t`` and ``amount`` alone, so the model's inputs do not change. State for
+    stepping: ``summary`` ``[B, 5]`` float64 running sums (events, gaps, days,
+    ``log1p(gap)``, ``log1p(amount)``).
+    """
+
+    N_FEATURES = 5
+
+    def __init__(self, dim: int, scaling: Mapping[str, object]) -> None:
+        super().__init__()
+        self.projection = nn.Linear(self.N_FEATURES, dim)
+        mean = [float(scaling["delta_t_mean"]), float(scaling["amount_mean"])]
+        std = [float(scaling["delta_t_std"]), float(scaling["amount_std"])]
+        self.register_buffer("log_mean", torch.tensor(mean, dtype=torch.float64))
+        self.register_buffer("log_std", torch.tensor(std, dtype=torch.float64).clamp(min=MIN_STD))
+
+    @staticmethod
+    def increments(batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, 5]`` float64 per-event contributions to the running sums."""
+        gap = batch["delta_t"].double().clamp(min=0.0)
+        amount = batch["amount"].double().clamp(min=0.0)
+        return torch.stack(
+            [torch.ones_like(gap), (gap > 0).double(), gap, torch.log1p(gap), torch.log1p(amount)],
+            dim=-1,
+        )
+
+    def sums(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, 5]`` running sums at every position (a causal cumulative sum)."""
+        return torch.cumsum(self.increments(batch), dim=1)
+
+    def features(self, sums: Tensor) -> Tensor:
+        """``[..., dim]`` projected features of running ``sums`` ``[..., 5]``."""
+        events, gaps, days, log_gap, log_amount = sums.unbind(-1)
+        means = torch.stack([log_gap / gaps.clamp(min=1.0), log_amount / events], dim=-1)
+        rate = 30.0 * gaps / days.clamp(min=1.0)
+        features = torch.cat(
+            [
+                torch.log1p(torch.stack([events, days, rate], dim=-1)),
+                (means - self.log_mean) / self.log_std,
+            ],
+            dim=-1,
+        )
+        return self.projection(features.float())
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, dim]`` features of a full sequence batch."""
+        return self.features(self.sums(batch))
+
+    def step(self, event: Mapping[str, Tensor], sums: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``[B, 1, dim]`` after one more event per row, and the new sums."""
+        sums = sums + self.increments(event_as_batch(event))[:, 0]
+        return self.features(sums).unsqueeze(1), sums
+
+
+class EventInput(nn.Module):
+    """Shared input of both encoders: ``EventEmbedding`` plus the optional running features
+    ``TypeRecency`` (state ``since``) and ``HistorySummary`` (state ``summary``).
+
+    Subclasses set ``self.embedding``, ``self.recency`` and ``self.summary`` (``None`` when
+    off).
     """
 
     embedding: EventEmbedding
     recency: TypeRecency | None
+    summary: HistorySummary | None
 
     def embed(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, H]`` inputs of a full sequence batch."""
         x = self.embedding(batch)
-        return x if self.recency is None else x + self.recency(batch)
+        if self.recency is not None:
+            x = x + self.recency(batch)
+        if self.summary is not None:
+            x = x + self.summary(batch)
+        return x
 
     def embed_step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
         """``[B, 1, H]`` input of one more event per row and the updated input state."""
         x = self.embedding(event_as_batch(event))
-        if self.recency is None:
-            return x, {}
-        features, since = self.recency.step(event, state["since"])
-        return x + features, {"since": since}
+        input_state: State = {}
+        if self.recency is not None:
+            features, input_state["since"] = self.recency.step(event, state["since"])
+            x = x + features
+        if self.summary is not None:
+            features, input_state["summary"] = self.summary.step(event, state["summary"])
+            x = x + features
+        return x, input_state
 
     def input_state(self, batch: Mapping[str, Tensor]) -> State:
-        """Input state after each row's last real event (``since`` when recency is on)."""
-        if self.recency is None:
-            return {}
-        return {"since": gather_last(self.recency.since(batch), batch["length"])}
+        """Input state after each row's last real event (``since``, ``summary`` when on)."""
+        state: State = {}
+        if self.recency is not None:
+            state["since"] = gather_last(self.recency.since(batch), batch["length"])
+        if self.summary is not None:
+            state["summary"] = gather_last(self.summary.sums(batch), batch["length"])
+        return state
 
 
 class LSTMEncoder(EventInput):
@@ -235,8 +309,10 @@ class LSTMEncoder(EventInput):
 
     The hidden state is the LSTM output plus the event's own embedding (a skip connection:
     the heads see the current event directly, the LSTM carries the history).
-    ``type_recency`` adds ``TypeRecency`` features to the input.
-    State: ``h``, ``c`` ``[B, num_layers, H]``, ``hidden`` ``[B, H]`` (and ``since``).
+    ``type_recency`` and ``history_summary`` add ``TypeRecency`` and ``HistorySummary``
+    features to the input.
+    State: ``h``, ``c`` ``[B, num_layers, H]``, ``hidden`` ``[B, H]`` (and ``since``,
+    ``summary``).
     """
 
     def __init__(
@@ -248,11 +324,13 @@ class LSTMEncoder(EventInput):
         num_layers: int = 2,
         dropout: float = 0.1,
         type_recency: bool = False,
+        history_summary: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
         self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
+        self.summary = HistorySummary(hidden_size, scaling) if history_summary else None
         self.lstm = nn.LSTM(
             hidden_size,
             hidden_size,
@@ -391,12 +469,14 @@ class TransformerEncoder(EventInput):
     Input = event embedding + sinusoidal position (index of the event in the sequence) +
     a learned projection of sinusoidal features of elapsed time (days since the first event
     of the sequence, the cumulative sum of ``delta_t``); ``log1p(delta_t)`` itself is in the
-    event embedding. ``type_recency`` adds ``TypeRecency`` features to the input.
+    event embedding. ``type_recency`` and ``history_summary`` add ``TypeRecency`` and
+    ``HistorySummary`` features to the input.
 
     State: ``k``, ``v`` ``[B, num_layers, nh, S, hd]`` key/value cache; ``valid`` ``[B, S]``
     (cache slots that hold real events: slots past a row's length in the prefix are
     padding and masked); ``position`` ``[B]`` (index of the next event); ``elapsed`` ``[B]``
-    (float64 elapsed days at the last event); ``hidden`` ``[B, H]`` (and ``since``).
+    (float64 elapsed days at the last event); ``hidden`` ``[B, H]`` (and ``since``,
+    ``summary``).
     """
 
     def __init__(
@@ -412,6 +492,7 @@ class TransformerEncoder(EventInput):
         time_features: int = 32,
         max_period_days: float = 10000.0,
         type_recency: bool = False,
+        history_summary: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % 2 or time_features % 2:
@@ -424,6 +505,7 @@ class TransformerEncoder(EventInput):
         self.max_period_days = max_period_days
         self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
         self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
+        self.summary = HistorySummary(hidden_size, scaling) if history_summary else None
         self.time_projection = nn.Linear(time_features, hidden_size)
         self.blocks = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, ff_mult, dropout) for _ in range(num_layers)

@@ -32,6 +32,7 @@ TINY_ENCODERS = {
         "num_layers": 2,
         "dropout": 0.0,
         "type_recency": True,
+        "history_summary": True,
     },
     "transformer": {
         "name": "transformer",
@@ -42,6 +43,7 @@ TINY_ENCODERS = {
         "dropout": 0.0,
         "time_features": 8,
         "type_recency": True,
+        "history_summary": True,
     },
 }
 

@@ -9,6 +9,7 @@ import torch
 
 from fintwin.models.encoders import (
     RECENCY_CAP_DAYS,
+    HistorySummary,
     TypeRecency,
     build_encoder,
     causal_running_max,
@@ -161,6 +162,48 @@ def test_type_recency_steps_match_the_full_pass(make_batch):
         features, since = recency.step(event, since)
         torch.testing.assert_close(since, full[:, t])
         torch.testing.assert_close(features[:, 0], recency.features(full[:, t]))
+
+
+def test_history_summary_by_hand():
+    """Running count, gaps, days, rate and mean log gap / amount; the first event has no gap."""
+    scaling = {"amount_mean": 1.0, "amount_std": 2.0, "delta_t_mean": 0.5, "delta_t_std": 0.25}
+    summary = HistorySummary(dim=3, scaling=scaling)
+    batch = {
+        "delta_t": torch.tensor([[0.0, 3.0, 12.0, 0.0]]),  # the last position is padding
+        "amount": torch.tensor([[10.0, 0.0, 4.0, 0.0]]),
+    }
+    sums = summary.sums(batch)[0, :3]
+    assert sums[:, 0].tolist() == [1.0, 2.0, 3.0]  # events
+    assert sums[:, 1].tolist() == [0.0, 1.0, 2.0]  # gaps
+    assert sums[:, 2].tolist() == [0.0, 3.0, 15.0]  # days since the first event
+    with torch.no_grad():
+        summary.projection.weight.copy_(torch.eye(5)[:3])  # read out events, days, rate
+        summary.projection.bias.zero_()
+        features = summary(batch)[0, 2]
+    expected = [math.log1p(3.0), math.log1p(15.0), math.log1p(30.0 * 2 / 15.0)]
+    torch.testing.assert_close(features, torch.tensor(expected))
+    mean_log_gap = (math.log1p(3.0) + math.log1p(12.0)) / 2
+    mean_log_amount = (math.log1p(10.0) + math.log1p(4.0)) / 3
+    with torch.no_grad():
+        summary.projection.weight.copy_(torch.eye(5)[[3, 4, 0]])
+        features = summary(batch)[0, 2]
+    torch.testing.assert_close(
+        features[:2], torch.tensor([(mean_log_gap - 0.5) / 0.25, (mean_log_amount - 1.0) / 2.0])
+    )
+
+
+def test_history_summary_steps_match_the_full_pass(make_batch):
+    summary = HistorySummary(dim=3, scaling={"amount_mean": 3.0, "amount_std": 1.2,
+                                             "delta_t_mean": 2.0, "delta_t_std": 1.0})
+    batch = make_batch([9, 6], seed=4)
+    full = summary.sums(batch)
+    prefix = {key: value[:, :4] for key, value in batch.items() if key != "length"}
+    sums = summary.sums(prefix)[:, -1]
+    for t in range(4, 6):
+        event = {key: value[:, t] for key, value in batch.items() if key != "length"}
+        features, sums = summary.step(event, sums)
+        torch.testing.assert_close(sums, full[:, t])
+        torch.testing.assert_close(features[:, 0], summary.features(full[:, t]))
 
 
 @pytest.mark.parametrize("length", [1, 5, 300])
