@@ -5,8 +5,11 @@ weeks 1-39 (checkpoint chosen inside calibration by the run's ``optimized_metric
 ``fintwin report`` forecasts weeks 40-78 with rollouts (``twin``), the direct heads
 (``twin_heads``) and BG/NBD. Prints the mean and standard deviation over the seeds of every
 metric, the twin's difference from BG/NBD, and the issue's targets (RMSE of transactions
-and spend >= 5% below BG/NBD, totals within +-5%, AUROC above BG/NBD). Per-seed runs and
-reports stay under ``--out``.
+and spend >= 5% below BG/NBD, totals within +-5%, AUROC above BG/NBD), then where the
+transaction errors come from: customers grouped by their number of repeat purchases in the
+calibration weeks, with the mean actual and forecast holdout transactions and each group's
+share of the mean squared error (averaged over the seeds). Per-seed runs and reports stay
+under ``--out``.
 
 Run:  python bench/twin_cdnow.py [--seeds 0 1 2] [--out outputs/twin_cdnow]
                                  [-- train.py overrides, e.g. trainer.max_epochs=6]
@@ -22,15 +25,20 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 from machine_info import cpu_model
 from rich.console import Console
 from rich.table import Table
 
+from fintwin.data.sources import load_events
+from fintwin.twin.baselines import rfm_summary
 from fintwin.twin.evaluation import METRIC_KEYS
+from fintwin.twin.pipeline import FORECASTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
 MODELS = ("twin", "twin_heads", "bgnbd")
+FREQUENCY_BINS = [-1, 0, 1, 2, 4, 8, 16, 32, 1000]  # repeat purchases in calibration
 RMSE_GAIN = 0.05  # the twin's RMSE must be at least 5% below BG/NBD's
 TOTAL_TOLERANCE = 5.0  # percent
 
@@ -78,6 +86,48 @@ def results_table(runs: list[dict[str, dict[str, float]]]) -> Table:
     return table
 
 
+def bin_label(interval: pd.Interval) -> str:
+    """``3-4`` for the integers in (2, 4]; ``33+`` for the last, open-ended bin."""
+    first, last = int(interval.left) + 1, int(interval.right)
+    if last == FREQUENCY_BINS[-1]:
+        return f"{first}+"
+    return str(last) if first == last else f"{first}-{last}"
+
+
+def frequency_table(out: Path, seeds: list[int]) -> Table:
+    """Holdout transactions by calibration frequency: means and shares of the MSE."""
+    events, _ = load_events("cdnow", same_day_merge=True)
+    frequency = rfm_summary(events, CUTOFF)["frequency"]
+    groups = []
+    for seed in seeds:
+        forecasts = pd.read_parquet(out / f"seed{seed}" / "report" / FORECASTS_FILE)
+        forecasts = forecasts.set_index("customer_id").join(frequency)
+        squared = {m: (forecasts["txn"] - forecasts[f"{m}_pred_txn"]) ** 2 for m in MODELS}
+        frame = pd.DataFrame(
+            {
+                "bin": pd.cut(forecasts["frequency"], FREQUENCY_BINS),
+                "actual": forecasts["txn"],
+                **{m: forecasts[f"{m}_pred_txn"] for m in MODELS},
+                **{f"mse {m}": squared[m] / len(forecasts) for m in MODELS},
+            }
+        )
+        groups.append(frame.groupby("bin", observed=True).agg(
+            customers=("actual", "size"), **{c: (c, "mean") for c in ("actual", *MODELS)},
+            **{f"mse {m}": (f"mse {m}", "sum") for m in MODELS},
+        ))  # fmt: skip
+    mean = sum(groups) / len(groups)
+    table = Table(title="holdout transactions by calibration repeat purchases (mean over seeds)")
+    for column in ("repeat purchases", *mean.columns):
+        table.add_column(column, justify="right")
+    for interval, row in mean.iterrows():
+        cells = (f"{v:.3f}" for v in row.iloc[1:])
+        table.add_row(bin_label(interval), f"{row['customers']:.0f}", *cells)
+    total = mean.sum()
+    table.add_row("all", f"{total['customers']:.0f}", *[""] * (1 + len(MODELS)),
+                  *(f"{total[f'mse {m}']:.3f}" for m in MODELS))  # fmt: skip
+    return table
+
+
 def target_lines(runs: list[dict[str, dict[str, float]]]) -> list[str]:
     """The issue's targets, checked for the rollouts and for the direct heads."""
 
@@ -113,6 +163,7 @@ def main() -> None:
     console.print(results_table(runs))
     for line in target_lines(runs):
         console.print(line)
+    console.print(frequency_table(args.out.resolve(), args.seeds))
 
 
 if __name__ == "__main__":
