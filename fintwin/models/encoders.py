@@ -175,7 +175,7 @@ class TypeRecency(nn.Module):
         self.vocab_size = vocab_size
         self.projection = nn.Linear(2 * vocab_size, dim)
 
-    def since(self, batch: Mapping[str, Tensor]) -> Tensor:
+    def running(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, V]`` float64 days since the last event of each type (capped)."""
         elapsed = elapsed_days(batch)
         is_type = F.one_hot(batch["event_type"], self.vocab_size).bool()
@@ -191,7 +191,7 @@ class TypeRecency(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, dim]`` features of a full sequence batch."""
-        return self.features(self.since(batch))
+        return self.features(self.running(batch))
 
     def step(self, event: Mapping[str, Tensor], since: Tensor) -> tuple[Tensor, Tensor]:
         """Features ``[B, 1, dim]`` after one more event per row, and the new ``since``."""
@@ -233,7 +233,7 @@ class HistorySummary(nn.Module):
             dim=-1,
         )
 
-    def sums(self, batch: Mapping[str, Tensor]) -> Tensor:
+    def running(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, 5]`` running sums at every position (a causal cumulative sum)."""
         return torch.cumsum(self.increments(batch), dim=1)
 
@@ -253,7 +253,7 @@ class HistorySummary(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, dim]`` features of a full sequence batch."""
-        return self.features(self.sums(batch))
+        return self.features(self.running(batch))
 
     def step(self, event: Mapping[str, Tensor], sums: Tensor) -> tuple[Tensor, Tensor]:
         """Features ``[B, 1, dim]`` after one more event per row, and the new sums."""
@@ -265,6 +265,8 @@ class EventInput(nn.Module):
     """Shared input of both encoders: ``EventEmbedding`` plus the optional running features
     ``TypeRecency`` (state ``since``) and ``HistorySummary`` (state ``summary``).
 
+    A running-feature module has ``running(batch)`` (its ``[B, T, ...]`` state at every
+    position), ``features(state)``, ``forward(batch)`` and ``step(event, state)``.
     Subclasses set ``self.embedding``, ``self.recency`` and ``self.summary`` (``None`` when
     off).
     """
@@ -273,35 +275,33 @@ class EventInput(nn.Module):
     recency: TypeRecency | None
     summary: HistorySummary | None
 
+    def running_inputs(self) -> dict[str, TypeRecency | HistorySummary]:
+        """The running-feature modules that are on, by the name of their state."""
+        modules = {"since": self.recency, "summary": self.summary}
+        return {key: module for key, module in modules.items() if module is not None}
+
     def embed(self, batch: Mapping[str, Tensor]) -> Tensor:
         """``[B, T, H]`` inputs of a full sequence batch."""
         x = self.embedding(batch)
-        if self.recency is not None:
-            x = x + self.recency(batch)
-        if self.summary is not None:
-            x = x + self.summary(batch)
+        for module in self.running_inputs().values():
+            x = x + module(batch)
         return x
 
     def embed_step(self, event: Mapping[str, Tensor], state: State) -> tuple[Tensor, State]:
         """``[B, 1, H]`` input of one more event per row and the updated input state."""
         x = self.embedding(event_as_batch(event))
         input_state: State = {}
-        if self.recency is not None:
-            features, input_state["since"] = self.recency.step(event, state["since"])
-            x = x + features
-        if self.summary is not None:
-            features, input_state["summary"] = self.summary.step(event, state["summary"])
+        for key, module in self.running_inputs().items():
+            features, input_state[key] = module.step(event, state[key])
             x = x + features
         return x, input_state
 
     def input_state(self, batch: Mapping[str, Tensor]) -> State:
-        """Input state after each row's last real event (``since``, ``summary`` when on)."""
-        state: State = {}
-        if self.recency is not None:
-            state["since"] = gather_last(self.recency.since(batch), batch["length"])
-        if self.summary is not None:
-            state["summary"] = gather_last(self.summary.sums(batch), batch["length"])
-        return state
+        """Running-feature states after each row's last real event."""
+        return {
+            key: gather_last(module.running(batch), batch["length"])
+            for key, module in self.running_inputs().items()
+        }
 
 
 class LSTMEncoder(EventInput):

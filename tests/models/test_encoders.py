@@ -144,24 +144,11 @@ def test_type_recency_by_hand():
         "event_type": torch.tensor([[2, 3, 2, 2, 0]]),  # the last position is padding
         "delta_t": torch.tensor([[5.0, 1.0, 2.5, 4.0, 0.0]]),
     }
-    since = recency.since(batch)[0]
+    since = recency.running(batch)[0]
     cap = RECENCY_CAP_DAYS
     assert since[:4, 2].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert since[:4, 3].tolist() == [cap, 0.0, 2.5, 6.5]
     assert since[:4, 1].tolist() == [cap] * 4  # OOV never seen
-
-
-def test_type_recency_steps_match_the_full_pass(make_batch):
-    recency = TypeRecency(vocab_size=7, dim=3)
-    batch = make_batch([9, 6], seed=4)
-    full = recency.since(batch)
-    prefix = {key: value[:, :4] for key, value in batch.items() if key != "length"}
-    since = recency.since(prefix)[:, -1]
-    for t in range(4, 6):
-        event = {key: value[:, t] for key, value in batch.items() if key != "length"}
-        features, since = recency.step(event, since)
-        torch.testing.assert_close(since, full[:, t])
-        torch.testing.assert_close(features[:, 0], recency.features(full[:, t]))
 
 
 def test_history_summary_by_hand():
@@ -172,7 +159,7 @@ def test_history_summary_by_hand():
         "delta_t": torch.tensor([[0.0, 3.0, 12.0, 0.0]]),  # the last position is padding
         "amount": torch.tensor([[10.0, 0.0, 4.0, 0.0]]),
     }
-    sums = summary.sums(batch)[0, :3]
+    sums = summary.running(batch)[0, :3]
     assert sums[:, 0].tolist() == [1.0, 2.0, 3.0]  # events
     assert sums[:, 1].tolist() == [0.0, 1.0, 2.0]  # gaps
     assert sums[:, 2].tolist() == [0.0, 3.0, 15.0]  # days since the first event
@@ -192,18 +179,32 @@ def test_history_summary_by_hand():
     )
 
 
-def test_history_summary_steps_match_the_full_pass(make_batch):
-    summary = HistorySummary(dim=3, scaling={"amount_mean": 3.0, "amount_std": 1.2,
-                                             "delta_t_mean": 2.0, "delta_t_std": 1.0})
+@pytest.mark.parametrize(
+    "module",
+    [
+        TypeRecency(vocab_size=7, dim=3),
+        HistorySummary(
+            dim=3,
+            scaling={
+                "amount_mean": 3.0,
+                "amount_std": 1.2,
+                "delta_t_mean": 2.0,
+                "delta_t_std": 1.0,
+            },
+        ),
+    ],
+    ids=["type_recency", "history_summary"],
+)
+def test_running_features_step_like_the_full_pass(module, make_batch):
     batch = make_batch([9, 6], seed=4)
-    full = summary.sums(batch)
+    full = module.running(batch)
     prefix = {key: value[:, :4] for key, value in batch.items() if key != "length"}
-    sums = summary.sums(prefix)[:, -1]
+    state = module.running(prefix)[:, -1]
     for t in range(4, 6):
         event = {key: value[:, t] for key, value in batch.items() if key != "length"}
-        features, sums = summary.step(event, sums)
-        torch.testing.assert_close(sums, full[:, t])
-        torch.testing.assert_close(features[:, 0], summary.features(full[:, t]))
+        features, state = module.step(event, state)
+        torch.testing.assert_close(state, full[:, t])
+        torch.testing.assert_close(features[:, 0], module.features(full[:, t]))
 
 
 @pytest.mark.parametrize("length", [1, 5, 300])
