@@ -8,8 +8,9 @@ metric, the twin's difference from BG/NBD, and the issue's targets (RMSE of tran
 and spend >= 5% below BG/NBD, totals within +-5%, AUROC above BG/NBD), then where the
 transaction errors come from: customers grouped by their number of repeat purchases in the
 calibration weeks, with the mean actual and forecast holdout transactions and each group's
-share of the mean squared error (averaged over the seeds). Per-seed runs and reports stay
-under ``--out``.
+share of the mean squared error (averaged over the seeds). The seeds' twins are also scored
+together, as an ensemble (``fintwin report --ckpt`` with every seed's checkpoint: the mean
+of their forecasts). Per-seed runs and reports, and the ensemble's, stay under ``--out``.
 
 Run:  python bench/twin_cdnow.py [--seeds 0 1 2] [--out outputs/twin_cdnow]
                                  [-- train.py overrides, e.g. trainer.max_epochs=6]
@@ -51,18 +52,23 @@ def best_checkpoint(run_dir: Path) -> Path:
     return chosen[0]
 
 
+def write_report(ckpts: list[Path], out: Path, seed: int) -> dict[str, dict[str, float]]:
+    """``fintwin report`` of one checkpoint or an ensemble of several; returns its metrics."""
+    report = [
+        sys.executable, "-m", "fintwin.cli", "report", "--ckpt", *map(str, ckpts),
+        "--data", "cdnow", "--cutoff", CUTOFF, "--holdout-end", HOLDOUT_END,
+        "--out", str(out), "--seed", str(seed),
+    ]  # fmt: skip
+    subprocess.run(report, cwd=REPO, check=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
 def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
     """Train with ``seed``, write the report next to the run, return its metrics."""
     run_dir = out / f"seed{seed}"
     train = [sys.executable, "train.py", f"seed={seed}", f"hydra.run.dir={run_dir}", *overrides]
     subprocess.run(train, cwd=REPO, check=True)
-    report = [
-        sys.executable, "-m", "fintwin.cli", "report", "--ckpt", str(best_checkpoint(run_dir)),
-        "--data", "cdnow", "--cutoff", CUTOFF, "--holdout-end", HOLDOUT_END,
-        "--out", str(run_dir / "report"), "--seed", str(seed),
-    ]  # fmt: skip
-    subprocess.run(report, cwd=REPO, check=True)
-    return json.loads((run_dir / "report" / "metrics.json").read_text())
+    return write_report([best_checkpoint(run_dir)], run_dir / "report", seed)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -70,19 +76,31 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def results_table(runs: list[dict[str, dict[str, float]]]) -> Table:
-    table = Table(title=f"CDNOW holdout {HOLDOUT_END}: mean ± sd over {len(runs)} seeds")
-    for column in ("metric", *MODELS, "twin vs BG/NBD"):
+def versus_bgnbd(metric: str, value: float, bgnbd: float) -> str:
+    """Difference from BG/NBD: points for a total's error, percent otherwise."""
+    if metric.endswith("pct_err"):
+        return f"{value - bgnbd:+.2f} pts"
+    return f"{100 * (value / bgnbd - 1):+.1f}%"
+
+
+def results_table(
+    runs: list[dict[str, dict[str, float]]], ensemble: dict[str, dict[str, float]]
+) -> Table:
+    title = (
+        f"CDNOW holdout {HOLDOUT_END}: mean ± sd over {len(runs)} seeds, and the ensemble "
+        "of their twins"
+    )
+    table = Table(title=title)
+    for column in ("metric", *MODELS, "twin vs BG/NBD", "ensemble", "ensemble vs BG/NBD"):
         table.add_column(column, justify="right")
     for metric in METRIC_KEYS:
         means = {m: statistics.mean(run[m][metric] for run in runs) for m in MODELS}
-        relative = (
-            f"{means['twin'] - means['bgnbd']:+.2f} pts"
-            if metric.endswith("pct_err")
-            else f"{100 * (means['twin'] / means['bgnbd'] - 1):+.1f}%"
-        )
         cells = [mean_sd([run[m][metric] for run in runs]) for m in MODELS]
-        table.add_row(metric, *cells, relative)
+        together = ensemble["twin"][metric]
+        table.add_row(
+            metric, *cells, versus_bgnbd(metric, means["twin"], means["bgnbd"]),
+            f"{together:.3f}", versus_bgnbd(metric, together, ensemble["bgnbd"][metric]),
+        )  # fmt: skip
     return table
 
 
@@ -128,25 +146,36 @@ def frequency_table(out: Path, seeds: list[int]) -> Table:
     return table
 
 
-def target_lines(runs: list[dict[str, dict[str, float]]]) -> list[str]:
-    """The issue's targets, checked for the rollouts and for the direct heads."""
+def target_checks(reports: list[dict[str, dict[str, float]]], model: str) -> dict[str, bool]:
+    """The issue's targets for ``model``, on the mean over ``reports``."""
 
-    def mean(model: str, metric: str) -> float:
-        return statistics.mean(run[model][metric] for run in runs)
+    def mean(name: str, metric: str) -> float:
+        return statistics.mean(report[name][metric] for report in reports)
 
+    return {
+        "txn RMSE >= 5% below BG/NBD": mean(model, "txn_rmse")
+        <= (1 - RMSE_GAIN) * mean("bgnbd", "txn_rmse"),
+        "spend RMSE >= 5% below BG/NBD": mean(model, "spend_rmse")
+        <= (1 - RMSE_GAIN) * mean("bgnbd", "spend_rmse"),
+        "txn total within ±5%": abs(mean(model, "txn_total_pct_err")) <= TOTAL_TOLERANCE,
+        "spend total within ±5%": abs(mean(model, "spend_total_pct_err")) <= TOTAL_TOLERANCE,
+        "AUROC above BG/NBD": mean(model, "auroc_any") > mean("bgnbd", "auroc_any"),
+    }
+
+
+def target_lines(
+    runs: list[dict[str, dict[str, float]]], ensemble: dict[str, dict[str, float]]
+) -> list[str]:
+    """The targets, checked for the rollouts, the direct heads and the ensemble's rollouts."""
     lines = []
-    for model in ("twin", "twin_heads"):
-        checks = {
-            "txn RMSE >= 5% below BG/NBD": mean(model, "txn_rmse")
-            <= (1 - RMSE_GAIN) * mean("bgnbd", "txn_rmse"),
-            "spend RMSE >= 5% below BG/NBD": mean(model, "spend_rmse")
-            <= (1 - RMSE_GAIN) * mean("bgnbd", "spend_rmse"),
-            "txn total within ±5%": abs(mean(model, "txn_total_pct_err")) <= TOTAL_TOLERANCE,
-            "spend total within ±5%": abs(mean(model, "spend_total_pct_err")) <= TOTAL_TOLERANCE,
-            "AUROC above BG/NBD": mean(model, "auroc_any") > mean("bgnbd", "auroc_any"),
-        }
+    for label, model, reports in (
+        ("twin", "twin", runs),
+        ("twin_heads", "twin_heads", runs),
+        ("ensemble", "twin", [ensemble]),
+    ):
+        checks = target_checks(reports, model)
         verdicts = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks.items())
-        lines.append(f"{model}: {verdicts}")
+        lines.append(f"{label}: {verdicts}")
     return lines
 
 
@@ -157,13 +186,16 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M %Z")
-    runs = [run_seed(seed, args.out.resolve(), args.overrides) for seed in args.seeds]
-    console = Console(width=160)
+    out = args.out.resolve()
+    runs = [run_seed(seed, out, args.overrides) for seed in args.seeds]
+    members = [best_checkpoint(out / f"seed{seed}") for seed in args.seeds]
+    ensemble = write_report(members, out / "ensemble", args.seeds[0])
+    console = Console(width=180)
     console.print(f"{started}, {cpu_model()}, overrides: {' '.join(args.overrides) or 'none'}")
-    console.print(results_table(runs))
-    for line in target_lines(runs):
+    console.print(results_table(runs, ensemble))
+    for line in target_lines(runs, ensemble):
         console.print(line)
-    console.print(frequency_table(args.out.resolve(), args.seeds))
+    console.print(frequency_table(out, args.seeds))
 
 
 if __name__ == "__main__":

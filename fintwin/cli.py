@@ -158,8 +158,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_twin_arguments(parser: argparse.ArgumentParser, end_flag: str, end_help: str) -> None:
-    """Arguments shared by simulate and report: checkpoint, data, window, samples."""
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
+    """Arguments shared by simulate and report (after ``--ckpt``): data, window, samples."""
     parser.add_argument("--data", required=True, help="cdnow | synthetic | events file or directory")
     parser.add_argument("--cutoff", required=True, help="last observed (calibration) day, inclusive")
     parser.add_argument(end_flag, required=True, help=end_help)
@@ -183,6 +182,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                       "to a horizon end (optionally with injected what-if events).",
                       "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
                       "--horizon-end 1998-06-30 --samples 100 --out futures.parquet", _simulate)
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
     _add_twin_arguments(parser, "--horizon-end", "last simulated day (inclusive)")
     parser.add_argument("--out", type=Path, required=True, help="per-customer summary (.parquet)")
     parser.add_argument("--what-if", type=Path, help="CSV/Parquet of injected events "
@@ -214,6 +214,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                       "heads) and BG/NBD + Gamma-Gamma; write metrics.json, plots and report.html.",
                       "fintwin report --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
                       "--holdout-end 1998-06-30 --out report/", _report)
+    parser.add_argument("--ckpt", type=Path, nargs="+", required=True,
+                        help="checkpoint(s) written by train.py; several (e.g. seeds) are "
+                        "averaged as an ensemble twin")
     _add_twin_arguments(parser, "--holdout-end", "last holdout day (inclusive)")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--seed", type=int, default=0)

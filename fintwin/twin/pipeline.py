@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +40,14 @@ from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
 
+EVENT_SETTINGS = (
+    "same_day_merge",
+    "numeric_features",
+    "categorical_features",
+    "allow_negative_amount",
+    "drop_duplicates",
+    "simulator",
+)  # data settings that change the event table a checkpoint reads
 DEFAULT_SAMPLES = 100
 DEFAULT_MAX_STEPS = 1000
 FORECASTS_FILE = "forecasts.parquet"
@@ -106,7 +115,9 @@ def load_inputs(
         data_source,
         schema,
         same_day_merge=bool(data.get("same_day_merge", False)),
-        simulator_config=SimulatorConfig(**simulator) if simulator and data_source == "synthetic" else None,
+        simulator_config=SimulatorConfig(**simulator)
+        if simulator and data_source == "synthetic"
+        else None,
     )
     return twin, events, spec
 
@@ -212,8 +223,50 @@ def forecasts_table(predictions: dict[str, pd.DataFrame], actual: pd.DataFrame) 
     return pd.concat(parts, axis=1).rename_axis("customer_id").reset_index()
 
 
+def check_same_events(members: list[tuple[Path, TrainedTwin]]) -> None:
+    """An ensemble's members must read the events alike (the actuals and BG/NBD are shared)."""
+    first_path, first = members[0]
+    for path, twin in members[1:]:
+        for key in EVENT_SETTINGS:
+            if twin.data.get(key) != first.data.get(key):
+                raise FintwinInputError(
+                    f"{path}: data.{key}={twin.data.get(key)!r} differs from "
+                    f"{first_path}'s {first.data.get(key)!r}; an ensemble's checkpoints must "
+                    "read the events the same way"
+                )
+
+
+def twin_forecasts(
+    twin: TrainedTwin,
+    events: pd.DataFrame,
+    spec: HistorySpec,
+    window: tuple[pd.Timestamp, pd.Timestamp],
+    config: RolloutConfig,
+    days: pd.DatetimeIndex,
+) -> tuple[dict[str, pd.DataFrame], dict[str, pd.Series], int]:
+    """One twin's holdout forecasts (``twin``: rollouts, ``twin_heads``: direct heads), their
+    expected cumulative transactions through ``days`` and the number of capped paths."""
+    cut, last = window
+    sequences = spec.sequences(events, cut)
+    result = rollout(twin.model, sequences, spec.vocab, last, config)
+    heads = heads_forecast(twin.model, sequences, last, spec.horizon_days)
+    predictions = {"twin": rollout_forecast(result), "twin_heads": heads}
+    cumulative = {
+        "twin": rollout_cumulative(result, days),
+        "twin_heads": heads_cumulative(heads, cut, last, days),
+    }
+    return predictions, cumulative, result.n_capped
+
+
+def mean_of(
+    parts: list[dict[str, pd.DataFrame | pd.Series]],
+) -> dict[str, pd.DataFrame | pd.Series]:
+    """Per key, the average of the members' frames (an equal-weight mixture of the twins)."""
+    return {key: sum(part[key] for part in parts) / len(parts) for key in parts[0]}
+
+
 def report(
-    ckpt: str | Path,
+    ckpt: str | Path | Sequence[str | Path],
     data_source: str,
     cutoff: str,
     holdout_end: str,
@@ -229,43 +282,50 @@ def report(
     Writes ``write_report``'s files (metrics.json with ``twin``, ``twin_heads`` and
     ``bgnbd``, the plots, report.html) and ``forecasts.parquet`` (per-customer forecasts and
     actuals) to ``out_dir``; returns the metrics. Refuses a checkpoint trained on data after
-    the cut-off.
+    the cut-off. Several checkpoints (e.g. seeds) form an ensemble: each simulates
+    ``samples`` paths per customer (rollout seed ``seed + i``) and the twin's forecasts are
+    the members' averages, the forecasts of their equal-weight mixture.
     """
     cut, last = parse_window(cutoff, holdout_end, "holdout_end")
-    twin, events, spec = load_inputs(ckpt, data_source, device)
-    refuse_leaky_checkpoint(twin, ckpt, cut)
+    paths = [Path(ckpt)] if isinstance(ckpt, (str, Path)) else [Path(c) for c in ckpt]
+    if not paths:
+        raise FintwinInputError("--ckpt: expected at least one checkpoint")
+    members = []
+    for path in paths:
+        twin, events, spec = load_inputs(path, data_source, device)
+        refuse_leaky_checkpoint(twin, path, cut)
+        members.append((path, twin, events, spec))
+    check_same_events([(path, twin) for path, twin, _, _ in members])
+    events = members[0][2]
     check_inside_data(events, data_source, cut, last)
     baseline = fit_baseline(events, cut)
-    sequences = spec.sequences(events, cut)
-    result = rollout(
-        twin.model, sequences, spec.vocab, last, rollout_config(events, samples, seed, max_steps)
-    )
-    heads = heads_forecast(twin.model, sequences, last, spec.horizon_days)
-    predictions = {
-        "twin": rollout_forecast(result),
-        "twin_heads": heads,
-        "bgnbd": baseline.predict(last),
-    }
+    days = holdout_week_ends(events, cut, last)
+    forecasts, curves, n_capped = [], [], 0
+    for i, (_, twin, member_events, spec) in enumerate(members):
+        config = rollout_config(member_events, samples, seed + i, max_steps)
+        predictions, cumulative, capped = twin_forecasts(
+            twin, member_events, spec, (cut, last), config, days
+        )
+        forecasts.append(predictions)
+        curves.append(cumulative)
+        n_capped += capped
+    predictions = mean_of(forecasts) | {"bgnbd": baseline.predict(last)}
     actual = holdout_actuals(events, cut, last)
     metrics = {name: forecast_metrics(pred, actual) for name, pred in predictions.items()}
-    days = holdout_week_ends(events, cut, last)
     tracking = weekly_tracking(
         events,
         cut,
         last,
-        holdout_cumulative={
-            "twin": rollout_cumulative(result, days),
-            "twin_heads": heads_cumulative(heads, cut, last, days),
-            "bgnbd": baseline.expected_cumulative_holdout(days),
-        },
+        holdout_cumulative=mean_of(curves) | {"bgnbd": baseline.expected_cumulative_holdout(days)},
     )
     write_report(out_dir, metrics, tracking, predictions, actual, cutoff=cut, holdout_end=last)
     write_parquet(forecasts_table(predictions, actual), Path(out_dir) / FORECASTS_FILE)
     log.info(
-        "report in %s (%d customers, %d samples, %d capped paths)",
+        "report in %s (%d customers, %d twin(s) x %d samples, %d capped paths)",
         out_dir,
         len(actual),
+        len(members),
         samples,
-        result.n_capped,
+        n_capped,
     )
     return metrics

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fintwin.cli import main
 from fintwin.data.datamodule import EventDataModule
 from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import DATA_STATE_KEY
@@ -24,9 +25,14 @@ CUTOFF, HOLDOUT_END = "2024-05-15", "2024-07-10"
 MODELS = ("twin", "twin_heads", "bgnbd")
 
 
-def save_checkpoint(path: Path, source: Path, cutoff: str, encoder: str = "lstm") -> Path:
+def save_checkpoint(
+    path: Path, source: Path, cutoff: str, encoder: str = "lstm", same_day_merge: bool = False
+) -> Path:
     """A checkpoint in train.py's format (weights, hyper-parameters, data settings)."""
-    data = EventDataModule(source=str(source), cutoff=cutoff, horizon_days=30.0, max_len=32)
+    data = EventDataModule(
+        source=str(source), cutoff=cutoff, horizon_days=30.0, max_len=32,
+        same_day_merge=same_day_merge,
+    )  # fmt: skip
     data.setup()
     torch.manual_seed(0)
     model = TwinModule(
@@ -54,6 +60,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "root": root,
         "source": source,
         "ckpt": save_checkpoint(root / "twin.ckpt", source, CUTOFF, "transformer"),
+        "lstm": save_checkpoint(root / "lstm.ckpt", source, CUTOFF),
         "leaky": save_checkpoint(root / "leaky.ckpt", source, "2024-06-15"),
     }
 
@@ -89,6 +96,52 @@ def test_report_refuses_a_checkpoint_that_saw_the_holdout(
     assert "after the report's cut-off 2024-05-15" in message
     assert "would have seen the holdout" in message
     assert not any(tmp_path.iterdir())
+
+
+def test_an_ensemble_report_averages_its_members(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """Member i simulates with seed + i; the twin's forecasts are the members' means."""
+    source, members = str(workspace["source"]), [workspace["ckpt"], workspace["lstm"]]
+    report(members, source, CUTOFF, HOLDOUT_END, tmp_path / "both", 20, seed=4)
+    for i, ckpt in enumerate(members):
+        report(ckpt, source, CUTOFF, HOLDOUT_END, tmp_path / f"member{i}", 20, seed=4 + i)
+    both, *singles = (
+        pd.read_parquet(tmp_path / name / "forecasts.parquet").set_index("customer_id")
+        for name in ("both", "member0", "member1")
+    )
+    for column in ("twin_pred_txn", "twin_pred_spend", "twin_p_any", "twin_heads_pred_txn"):
+        mean = (singles[0][column] + singles[1][column]) / 2
+        np.testing.assert_allclose(both[column], mean, rtol=1e-12)
+    assert not np.allclose(singles[0]["twin_pred_txn"], singles[1]["twin_pred_txn"])
+    np.testing.assert_allclose(both["bgnbd_pred_txn"], singles[0]["bgnbd_pred_txn"])
+
+
+def test_report_cli_takes_several_checkpoints(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    argv = ["report", "--ckpt", str(workspace["ckpt"]), str(workspace["lstm"]),
+            "--data", str(workspace["source"]), "--cutoff", CUTOFF, "--holdout-end",
+            HOLDOUT_END, "--samples", "5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert f"report -> {out / 'report.html'}" in capsys.readouterr().out
+    assert list(json.loads((out / "metrics.json").read_text())) == list(MODELS)
+
+
+def test_an_ensemble_refuses_members_that_read_the_events_differently(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    merged = save_checkpoint(
+        tmp_path / "merged.ckpt", workspace["source"], CUTOFF, same_day_merge=True
+    )
+    members = [workspace["lstm"], merged]
+    with pytest.raises(FintwinInputError, match=r"merged\.ckpt: data\.same_day_merge=True"):
+        report(members, str(workspace["source"]), CUTOFF, HOLDOUT_END, tmp_path / "out", 5)
+    with pytest.raises(FintwinInputError, match="would have seen the holdout"):
+        report([workspace["lstm"], workspace["leaky"]], str(workspace["source"]), CUTOFF,
+               HOLDOUT_END, tmp_path / "out", 5)  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_names_a_diverging_baseline(workspace: dict[str, Path], tmp_path: Path) -> None:
