@@ -13,6 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -96,13 +97,15 @@ def check_inside_data(events: pd.DataFrame, source: str, *days: pd.Timestamp) ->
             )
 
 
-def load_inputs(
-    ckpt: str | Path, data_source: str, device: str | None = None
-) -> tuple[TrainedTwin, pd.DataFrame, HistorySpec]:
-    """The twin (on ``device``, default GPU when present), the events and the featurisation."""
+def load_model(ckpt: str | Path, device: str | None = None) -> tuple[TrainedTwin, HistorySpec]:
+    """The twin (on ``device``, default GPU when present) and its featurisation."""
     twin = load_twin(ckpt)
     twin.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = HistorySpec.from_data_settings(twin.data)
+    return twin, HistorySpec.from_data_settings(twin.data)
+
+
+def read_events(twin: TrainedTwin, spec: HistorySpec, data_source: str) -> pd.DataFrame:
+    """The events of ``data_source``, read with the checkpoint's own data settings."""
     data = twin.data
     schema = EventSchema(
         numeric_features=list(spec.numeric_features),
@@ -111,15 +114,22 @@ def load_inputs(
         drop_duplicates=bool(data.get("drop_duplicates", False)),
     )
     simulator = data.get("simulator")
+    use_simulator = simulator and data_source == "synthetic"
     events, _ = load_events(
         data_source,
         schema,
         same_day_merge=bool(data.get("same_day_merge", False)),
-        simulator_config=SimulatorConfig(**simulator)
-        if simulator and data_source == "synthetic"
-        else None,
+        simulator_config=SimulatorConfig(**simulator) if use_simulator else None,
     )
-    return twin, events, spec
+    return events
+
+
+def load_inputs(
+    ckpt: str | Path, data_source: str, device: str | None = None
+) -> tuple[TrainedTwin, pd.DataFrame, HistorySpec]:
+    """The twin (on ``device``, default GPU when present), the events and the featurisation."""
+    twin, spec = load_model(ckpt, device)
+    return twin, read_events(twin, spec, data_source), spec
 
 
 def has_dates_only(events: pd.DataFrame) -> bool:
@@ -290,21 +300,20 @@ def report(
     paths = [Path(ckpt)] if isinstance(ckpt, (str, Path)) else [Path(c) for c in ckpt]
     if not paths:
         raise FintwinInputError("--ckpt: expected at least one checkpoint")
-    members = []
-    for path in paths:
-        twin, events, spec = load_inputs(path, data_source, device)
+    members = [(path, *load_model(path, device)) for path in paths]
+    for path, twin, _ in members:
         refuse_leaky_checkpoint(twin, path, cut)
-        members.append((path, twin, events, spec))
-    check_same_events([(path, twin) for path, twin, _, _ in members])
-    events = members[0][2]
+    check_same_events([(path, twin) for path, twin, _ in members])
+    events = read_events(members[0][1], members[0][2], data_source)
     check_inside_data(events, data_source, cut, last)
     baseline = fit_baseline(events, cut)
     days = holdout_week_ends(events, cut, last)
+    config = rollout_config(events, samples, seed, max_steps)
     forecasts, curves, n_capped = [], [], 0
-    for i, (_, twin, member_events, spec) in enumerate(members):
-        config = rollout_config(member_events, samples, seed + i, max_steps)
+    for i, (_, twin, spec) in enumerate(members):
+        member_config = replace(config, seed=seed + i)
         predictions, cumulative, capped = twin_forecasts(
-            twin, member_events, spec, (cut, last), config, days
+            twin, events, spec, (cut, last), member_config, days
         )
         forecasts.append(predictions)
         curves.append(cumulative)
