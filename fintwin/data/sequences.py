@@ -139,6 +139,23 @@ def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[s
     return {name: float(count) / max(int(chosen.sum()), 1) for name, count in counts.items()}
 
 
+def history_extent(sequences: SequenceSet, index: np.ndarray) -> dict[str, float]:
+    """The longest kept history of the customers ``index``: most events and most days.
+
+    Days are summed over the kept events' ``delta_t`` (as ``HistorySummary`` counts them), so
+    the encoder can clamp the running count and age of longer simulated futures to the range
+    it was trained on.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) == 0:
+        return {"history_max_events": 0.0, "history_max_days": 0.0}
+    days = np.add.reduceat(sequences.features["delta_t"].astype(np.float64), sequences.starts)
+    return {
+        "history_max_events": float(sequences.lengths[index].max()),
+        "history_max_days": float(days[index].max()),
+    }
+
+
 MAX_FIT_GAPS = 200_000  # per kind; a seeded subsample beyond this keeps the fit fast
 
 
@@ -223,9 +240,16 @@ def build_sequences(
     )
 
 
-def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
-                        numeric_features: list[str] | None = None) -> SequenceSet:
+def inference_sequences(
+    events: pd.DataFrame, vocab: Vocab, max_len: int, numeric_features: list[str] | None = None
+) -> SequenceSet:
     """Sequences of every event in ``events`` (no cut-off), as a deployed twin scores them."""
     last_day = events["timestamp"].max()
-    return build_sequences(events, vocab, cutoff=last_day, horizon_days=1.0, max_len=max_len,
-                           numeric_features=numeric_features)
+    return build_sequences(
+        events,
+        vocab,
+        cutoff=last_day,
+        horizon_days=1.0,
+        max_len=max_len,
+        numeric_features=numeric_features,
+    )

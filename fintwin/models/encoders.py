@@ -207,9 +207,12 @@ class HistorySummary(nn.Module):
     At each position, over the events up to it: ``log1p`` of the number of events, of the
     days since the first event and of the number of gaps per 30 days (the customer's rate,
     as BG/NBD's frequency / age), and the mean ``log1p(gap)`` and ``log1p(amount)``
-    (standardised with the featuriser's statistics), projected to ``dim``. Computed from
-    ``delta_t`` and ``amount`` alone, so the model's inputs do not change. State for
-    stepping: ``summary`` ``[B, 5]`` float64 running sums (events, gaps, days,
+    (standardised with the featuriser's statistics), projected to ``dim``. The count and the
+    age are clamped to the longest training history (``scaling["history_max_events"]``,
+    ``["history_max_days"]``; unclamped when absent), so simulated futures that outgrow it
+    stay inside the range the model was fitted on; the rate and means use the full sums.
+    Computed from ``delta_t`` and ``amount`` alone, so the model's inputs do not change.
+    State for stepping: ``summary`` ``[B, 5]`` float64 running sums (events, gaps, days,
     ``log1p(gap)``, ``log1p(amount)``).
     """
 
@@ -222,6 +225,10 @@ class HistorySummary(nn.Module):
         std = [float(scaling["delta_t_std"]), float(scaling["amount_std"])]
         self.register_buffer("log_mean", torch.tensor(mean, dtype=torch.float64))
         self.register_buffer("log_std", torch.tensor(std, dtype=torch.float64).clamp(min=MIN_STD))
+        extent = [float(scaling.get(f"history_max_{key}", math.inf)) for key in ("events", "days")]
+        self.register_buffer(  # from the hyper-parameters, so older checkpoints still load
+            "max_extent", torch.tensor(extent, dtype=torch.float64), persistent=False
+        )
 
     @staticmethod
     def increments(batch: Mapping[str, Tensor]) -> Tensor:
@@ -242,9 +249,11 @@ class HistorySummary(nn.Module):
         events, gaps, days, log_gap, log_amount = sums.unbind(-1)
         means = torch.stack([log_gap / gaps.clamp(min=1.0), log_amount / events], dim=-1)
         rate = 30.0 * gaps / days.clamp(min=1.0)
+        extent = torch.minimum(torch.stack([events, days], dim=-1), self.max_extent)
         features = torch.cat(
             [
-                torch.log1p(torch.stack([events, days, rate], dim=-1)),
+                torch.log1p(extent),
+                torch.log1p(rate).unsqueeze(-1),
                 (means - self.log_mean) / self.log_std,
             ],
             dim=-1,

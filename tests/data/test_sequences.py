@@ -5,7 +5,7 @@ import torch
 from fintwin.data.datamodule import EventDataModule
 from fintwin.data.features import OOV_ID, Vocab
 from fintwin.data.schema import validate_events
-from fintwin.data.sequences import build_sequences, loss_terms_per_customer
+from fintwin.data.sequences import build_sequences, history_extent, loss_terms_per_customer
 
 CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
 
@@ -13,17 +13,21 @@ CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
 def hand_table():
     """Customer a: events on days 0, 10, 40 (+ one after the cut-off); b: a single event."""
     t0 = pd.Timestamp("2024-05-01")
-    rows = [("a", t0, "card", 10.0), ("a", t0 + pd.Timedelta(days=10), "salary", 100.0),
-            ("a", t0 + pd.Timedelta(days=20, hours=12), "card", 5.0),
-            ("a", pd.Timestamp("2024-06-15"), "card", 7.0),
-            ("b", pd.Timestamp("2024-05-30"), "mystery", 3.0)]
+    rows = [
+        ("a", t0, "card", 10.0),
+        ("a", t0 + pd.Timedelta(days=10), "salary", 100.0),
+        ("a", t0 + pd.Timedelta(days=20, hours=12), "card", 5.0),
+        ("a", pd.Timestamp("2024-06-15"), "card", 7.0),
+        ("b", pd.Timestamp("2024-05-30"), "mystery", 3.0),
+    ]
     df = pd.DataFrame(rows, columns=["customer_id", "timestamp", "event_type", "amount"])
     return validate_events(df)[0]
 
 
 def test_targets_by_hand():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=10)
+    seq = build_sequences(
+        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=10
+    )
     b = seq.batch(np.array([0, 1]))
     assert b["length"].tolist() == [3, 1]
     assert b["event_type"].tolist() == [[2, 3, 2], [OOV_ID, 0, 0]]
@@ -42,8 +46,9 @@ def test_targets_by_hand():
 
 
 def test_loss_terms_per_customer_by_hand():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=10)
+    seq = build_sequences(
+        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=10
+    )
     # a: 2 observed next events, 3 gaps (one censored), 2 churn and 2 horizon targets; b: 1 gap
     assert loss_terms_per_customer(seq, np.array([0])) == {
         "events_per_customer": 2.0,
@@ -60,13 +65,31 @@ def test_loss_terms_per_customer_by_hand():
 
 
 def test_truncation_keeps_most_recent_and_padding_is_zero():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=2)
+    seq = build_sequences(
+        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=2
+    )
     b = seq.batch(np.array([1, 0]))
     assert b["length"].tolist() == [1, 2]
     assert b["amount"].tolist() == [[3.0, 0.0], [100.0, 5.0]]
     assert b["delta_t"][1].tolist() == [10.0, 10.5]  # the real gap to the dropped first event
     assert b["day_of_month"][0, 1] == 0 and not b["gap_censored"][0, 1]
+
+
+def test_history_extent_counts_the_kept_events_and_their_gaps():
+    """a keeps 3 events over 20.5 days; truncated to 2, its kept gaps still sum to 20.5."""
+    vocab = Vocab(("card", "salary"))
+    full = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=10)
+    assert history_extent(full, np.array([0, 1])) == {
+        "history_max_events": 3.0,
+        "history_max_days": 20.5,
+    }
+    assert history_extent(full, np.array([1])) == {
+        "history_max_events": 1.0,
+        "history_max_days": 0.0,
+    }
+    short = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=2)
+    assert history_extent(short, np.array([0]))["history_max_events"] == 2.0
+    assert history_extent(short, np.array([0]))["history_max_days"] == 20.5
 
 
 def test_single_event_customer_kept():
@@ -75,15 +98,24 @@ def test_single_event_customer_kept():
 
 
 def _datamodule(events):
-    dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=16,
-                         batch_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
+    dm = EventDataModule(
+        events=events,
+        cutoff="2024-05-31",
+        horizon_days=30,
+        max_len=16,
+        batch_size=8,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        seed=3,
+    )
     dm.setup()
     return dm
 
 
 def _all_batches(dm):
-    return {k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.features} | {
-        k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.targets}
+    return {
+        k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.features
+    } | {k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.targets}
 
 
 def test_no_leak_from_after_cutoff(events):
@@ -106,7 +138,9 @@ def test_no_leak_from_after_cutoff(events):
 def test_split_is_disjoint_seeded_and_complete(events):
     dm = _datamodule(events)
     parts = [set(dm.splits[s].tolist()) for s in ("train", "val", "test")]
-    assert sum(map(len, parts)) == len(dm.sequences) and not (parts[0] & parts[1] | parts[1] & parts[2])
+    assert sum(map(len, parts)) == len(dm.sequences) and not (
+        parts[0] & parts[1] | parts[1] & parts[2]
+    )
     assert np.array_equal(_datamodule(events).splits["val"], dm.splits["val"])
 
 

@@ -179,6 +179,24 @@ def test_history_summary_by_hand():
     )
 
 
+def test_history_summary_clamps_count_and_age_to_the_training_range():
+    """Beyond the longest training history the count and age stop growing; the rate and
+    the means still use every event."""
+    scaling = {"amount_mean": 1.0, "amount_std": 2.0, "delta_t_mean": 0.5, "delta_t_std": 0.25,
+               "history_max_events": 2.0, "history_max_days": 5.0}  # fmt: skip
+    summary = HistorySummary(dim=3, scaling=scaling)
+    batch = {"delta_t": torch.tensor([[0.0, 3.0, 12.0]]), "amount": torch.tensor([[1.0, 2.0, 3.0]])}
+    with torch.no_grad():
+        summary.projection.weight.copy_(torch.eye(5)[:3])  # read out events, days, rate
+        summary.projection.bias.zero_()
+        features = summary(batch)[0]
+    expected_last = [math.log1p(2.0), math.log1p(5.0), math.log1p(30.0 * 2 / 15.0)]
+    torch.testing.assert_close(features[2], torch.tensor(expected_last))
+    torch.testing.assert_close(features[1], torch.tensor([math.log1p(2.0), math.log1p(3.0),
+                                                          math.log1p(10.0)]))  # fmt: skip
+    assert "max_extent" not in summary.state_dict()  # rebuilt from the scaling
+
+
 @pytest.mark.parametrize(
     "module",
     [
