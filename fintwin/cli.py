@@ -25,34 +25,21 @@ def _data_summary(args: argparse.Namespace) -> int:
     from fintwin.data.schema import EventSchema
     from fintwin.data.sources import CDNOW_FILES, CDNOW_SCHEMA, load_events
 
-    schema = (
-        CDNOW_SCHEMA
-        if args.source in CDNOW_FILES
-        else EventSchema(
-            numeric_features=args.numeric or [], categorical_features=args.categorical or []
-        )
-    )
+    schema = CDNOW_SCHEMA if args.source in CDNOW_FILES else EventSchema(
+        numeric_features=args.numeric or [], categorical_features=args.categorical or [])
     events, report = load_events(args.source, schema, same_day_merge=args.merge_same_day)
     console = Console()
     table = Table(title=f"{args.source}: event data summary", show_header=False)
     table.add_row("customers", f"{events['customer_id'].nunique():,}")
-    table.add_row(
-        "events", f"{len(events):,}" + (" (same-day merged)" if args.merge_same_day else "")
-    )
+    table.add_row("events", f"{len(events):,}" + (" (same-day merged)" if args.merge_same_day else ""))
     table.add_row("date range", f"{events['timestamp'].min()} to {events['timestamp'].max()}")
-    table.add_row(
-        "exact duplicate rows",
-        f"{report.duplicates:,}" + (" (dropped)" if report.duplicates_dropped else " (kept)"),
-    )
+    table.add_row("exact duplicate rows", f"{report.duplicates:,}"
+                  + (" (dropped)" if report.duplicates_dropped else " (kept)"))
     table.add_row("input was sorted", str(report.was_sorted))
     per_customer = events.groupby("customer_id", sort=False).size()
-    table.add_row(
-        "events per customer (median / max)", f"{per_customer.median():g} / {per_customer.max():,}"
-    )
+    table.add_row("events per customer (median / max)", f"{per_customer.median():g} / {per_customer.max():,}")
     quantiles = events["amount"].quantile([0.0, 0.25, 0.5, 0.75, 0.99, 1.0])
-    table.add_row(
-        "amount quantiles (0/25/50/75/99/100%)", " / ".join(f"{q:,.2f}" for q in quantiles)
-    )
+    table.add_row("amount quantiles (0/25/50/75/99/100%)", " / ".join(f"{q:,.2f}" for q in quantiles))
     mix = events["event_type"].value_counts(normalize=True)
     table.add_row("event types", ", ".join(f"{t} {p:.1%}" for t, p in mix.items()))
     console.print(table)
@@ -63,40 +50,22 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="inspect event data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     summary = data_sub.add_parser(
-        "summary",
-        help="validate a source and summarise it",
+        "summary", help="validate a source and summarise it",
         description="Validate an event source against the event contract and print a summary.",
         epilog="example: fintwin data summary cdnow\n         fintwin data summary events.parquet "
-        "--numeric balance",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    summary.add_argument(
-        "source", help="cdnow | cdnow_sample | synthetic | file.csv | file.parquet | directory"
-    )
+               "--numeric balance", formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary.add_argument("source", help="cdnow | cdnow_sample | synthetic | file.csv | file.parquet | directory")
     summary.add_argument("--numeric", nargs="*", help="declared numeric feature columns")
     summary.add_argument("--categorical", nargs="*", help="declared categorical feature columns")
-    summary.add_argument(
-        "--merge-same-day",
-        action="store_true",
-        help="merge a customer's same-type events of the same day",
-    )
+    summary.add_argument("--merge-same-day", action="store_true",
+                         help="merge a customer's same-type events of the same day")
     summary.set_defaults(handler=_data_summary)
 
 
-def _command(
-    sub: argparse._SubParsersAction,
-    name: str,
-    summary: str,
-    example: str,
-    handler: Callable[[argparse.Namespace], int],
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
-        name,
-        help=summary,
-        description=summary,
-        epilog=f"example: {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: str,
+             handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=summary, epilog=f"example: {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -105,39 +74,22 @@ def _export(args: argparse.Namespace) -> int:
     from fintwin.export.onnx import export_to_repository
 
     version, report = export_to_repository(
-        args.ckpt,
-        args.repo,
-        args.name,
-        args.device,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        instances=args.instances,
-    )
-    print(
-        f"exported {args.repo / args.name}/{version}/model.onnx "
-        f"(ONNX parity: worst scaled difference {report.worst:.1e})"
-    )
+        args.ckpt, args.repo, args.name, args.device, max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us, instances=args.instances)
+    print(f"exported {args.repo / args.name}/{version}/model.onnx "
+          f"(ONNX parity: worst scaled difference {report.worst:.1e})")
     return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    parser = _command(
-        sub,
-        "export",
-        "Export a checkpoint to ONNX (parity-checked) as a new version "
-        "of a Triton model repository.",
-        "fintwin export --ckpt outputs/train/runs/X/checkpoints/last.ckpt "
-        "--repo model_repository --name fintwin",
-        _export,
-    )
+    parser = _command(sub, "export", "Export a checkpoint to ONNX (parity-checked) as a new version "
+                      "of a Triton model repository.",
+                      "fintwin export --ckpt outputs/train/runs/X/checkpoints/last.ckpt "
+                      "--repo model_repository --name fintwin", _export)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
-    parser.add_argument(
-        "--repo", type=Path, required=True, help="Triton model repository directory"
-    )
+    parser.add_argument("--repo", type=Path, required=True, help="Triton model repository directory")
     parser.add_argument("--name", default="fintwin", help="model name in the repository")
-    parser.add_argument(
-        "--device", choices=["cpu", "gpu"], default="cpu", help="instance group kind"
-    )
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance group kind")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-queue-delay-us", type=int, default=100)
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
@@ -146,24 +98,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from fintwin.serving.server import serve
 
-    return serve(
-        args.repo,
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        intra_op_threads=args.threads,
-    )
+    return serve(args.repo, args.host, args.http_port, args.grpc_port, args.metrics_port,
+                 intra_op_threads=args.threads)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    parser = _command(
-        sub,
-        "serve",
-        "Serve a model repository with the embedded Triton server until SIGINT/SIGTERM.",
-        "fintwin serve --repo model_repository --grpc-port 8001",
-        _serve,
-    )
+    parser = _command(sub, "serve", "Serve a model repository with the embedded Triton server "
+                      "until SIGINT/SIGTERM.", "fintwin serve --repo model_repository --grpc-port 8001",
+                      _serve)
     parser.add_argument("--repo", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8000)
@@ -177,15 +119,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.repo is None):
         raise FintwinInputError("give exactly one of --url HOST:PORT or --repo DIR")
-    client = TwinClient(
-        args.url,
-        args.protocol,
-        args.model,
-        args.version or "",
-        repo=args.repo,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-    )
+    client = TwinClient(args.url, args.protocol, args.model, args.version or "", repo=args.repo,
+                        batch_size=args.batch_size, top_k=args.top_k)
     try:
         predictions = client.predict(args.events, progress=True)
     finally:
@@ -207,25 +142,16 @@ def write_table_atomic(frame, path: Path) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    parser = _command(
-        sub,
-        "predict",
-        "Score customers' events with a served or local twin: one row "
-        "per customer (top-k next types, time to next event, amount, churn, horizon).",
-        "fintwin predict --url 127.0.0.1:8001 --model fintwin --events events.csv "
-        "--out preds.parquet",
-        _predict,
-    )
+    parser = _command(sub, "predict", "Score customers' events with a served or local twin: one row "
+                      "per customer (top-k next types, time to next event, amount, churn, horizon).",
+                      "fintwin predict --url 127.0.0.1:8001 --model fintwin --events events.csv "
+                      "--out preds.parquet", _predict)
     parser.add_argument("--url", help="Triton endpoint host:port")
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-    parser.add_argument(
-        "--repo", type=Path, help="model repository: score in process (batch scoring)"
-    )
+    parser.add_argument("--repo", type=Path, help="model repository: score in process (batch scoring)")
     parser.add_argument("--model", default="fintwin")
     parser.add_argument("--version", default="")
-    parser.add_argument(
-        "--events", required=True, help="CSV / Parquet file or directory of raw events"
-    )
+    parser.add_argument("--events", required=True, help="CSV / Parquet file or directory of raw events")
     parser.add_argument("--out", type=Path, required=True, help="output .parquet or .csv")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=3)
@@ -233,12 +159,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _add_twin_arguments(parser: argparse.ArgumentParser, end_flag: str, end_help: str) -> None:
     """Arguments shared by simulate and report (after ``--ckpt``): data, window, samples."""
-    parser.add_argument(
-        "--data", required=True, help="cdnow | synthetic | events file or directory"
-    )
-    parser.add_argument(
-        "--cutoff", required=True, help="last observed (calibration) day, inclusive"
-    )
+    parser.add_argument("--data", required=True, help="cdnow | synthetic | events file or directory")
+    parser.add_argument("--cutoff", required=True, help="last observed (calibration) day, inclusive")
     parser.add_argument(end_flag, required=True, help=end_help)
     parser.add_argument("--samples", type=int, default=100, help="Monte Carlo paths per customer")
 
@@ -246,45 +168,25 @@ def _add_twin_arguments(parser: argparse.ArgumentParser, end_flag: str, end_help
 def _simulate(args: argparse.Namespace) -> int:
     from fintwin.twin.pipeline import simulate
 
-    summary = simulate(
-        args.ckpt,
-        args.data,
-        args.cutoff,
-        args.horizon_end,
-        args.samples,
-        args.out,
-        what_if=args.what_if,
-        seed=args.seed,
-        paths_out=args.paths_out,
-        device=args.device,
-    )
+    summary = simulate(args.ckpt, args.data, args.cutoff, args.horizon_end, args.samples, args.out,
+                       what_if=args.what_if, seed=args.seed, paths_out=args.paths_out,
+                       device=args.device)
     print(f"{len(summary):,} customers simulated x {args.samples} samples -> {args.out}")
     if "overall" in summary.attrs:
-        print(
-            "what-if effect:",
-            ", ".join(f"{k} {v:.4g}" for k, v in summary.attrs["overall"].items()),
-        )
+        print("what-if effect:", ", ".join(f"{k} {v:.4g}" for k, v in summary.attrs["overall"].items()))
     return 0
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    parser = _command(
-        sub,
-        "simulate",
-        "Monte Carlo rollouts of each customer's future from a cut-off "
-        "to a horizon end (optionally with injected what-if events).",
-        "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
-        "--horizon-end 1998-06-30 --samples 100 --out futures.parquet",
-        _simulate,
-    )
+    parser = _command(sub, "simulate", "Monte Carlo rollouts of each customer's future from a cut-off "
+                      "to a horizon end (optionally with injected what-if events).",
+                      "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "--horizon-end 1998-06-30 --samples 100 --out futures.parquet", _simulate)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
     _add_twin_arguments(parser, "--horizon-end", "last simulated day (inclusive)")
     parser.add_argument("--out", type=Path, required=True, help="per-customer summary (.parquet)")
-    parser.add_argument(
-        "--what-if",
-        type=Path,
-        help="CSV/Parquet of injected events (customer_id or '*', timestamp, event_type, amount)",
-    )
+    parser.add_argument("--what-if", type=Path, help="CSV/Parquet of injected events "
+                        "(customer_id or '*', timestamp, event_type, amount)")
     parser.add_argument("--paths-out", type=Path, help="also write every sampled event (.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
@@ -293,16 +195,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from fintwin.twin.pipeline import report
 
-    metrics = report(
-        args.ckpt,
-        args.data,
-        args.cutoff,
-        args.holdout_end,
-        args.out,
-        samples=args.samples,
-        seed=args.seed,
-        device=args.device,
-    )
+    metrics = report(args.ckpt, args.data, args.cutoff, args.holdout_end, args.out,
+                     samples=args.samples, seed=args.seed, device=args.device)
     table = Table(title=f"holdout {args.cutoff} .. {args.holdout_end}")
     keys = sorted({k for m in metrics.values() for k in m})
     table.add_column("metric")
@@ -316,23 +210,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    parser = _command(
-        sub,
-        "report",
-        "Forecast a holdout window with the twin (rollouts and direct "
-        "heads) and BG/NBD + Gamma-Gamma; write metrics.json, plots and report.html.",
-        "fintwin report --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
-        "--holdout-end 1998-06-30 --out report/",
-        _report,
-    )
-    parser.add_argument(
-        "--ckpt",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="checkpoint(s) written by train.py; several (e.g. seeds) are "
-        "averaged as an ensemble twin",
-    )
+    parser = _command(sub, "report", "Forecast a holdout window with the twin (rollouts and direct "
+                      "heads) and BG/NBD + Gamma-Gamma; write metrics.json, plots and report.html.",
+                      "fintwin report --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "--holdout-end 1998-06-30 --out report/", _report)
+    parser.add_argument("--ckpt", type=Path, nargs="+", required=True,
+                        help="checkpoint(s) written by train.py; several (e.g. seeds) are "
+                        "averaged as an ensemble twin")
     _add_twin_arguments(parser, "--holdout-end", "last holdout day (inclusive)")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -340,13 +224,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_data,
-    _add_export,
-    _add_serve,
-    _add_predict,
-    _add_simulate,
-    _add_report,
-]
+    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,14 +11,8 @@ def test_data_summary_cdnow_sample(capsys):
 
 def test_data_summary_bad_file_exits_2(tmp_path, capsys):
     path = tmp_path / "events.csv"
-    pd.DataFrame(
-        {
-            "customer_id": [1, 2],
-            "timestamp": ["2024-01-01", "2024-01-02"],
-            "event_type": ["a", "b"],
-            "amount": [1.0, float("nan")],
-        }
-    ).to_csv(path, index=False)
+    pd.DataFrame({"customer_id": [1, 2], "timestamp": ["2024-01-01", "2024-01-02"],
+                  "event_type": ["a", "b"], "amount": [1.0, float("nan")]}).to_csv(path, index=False)
     assert main(["data", "summary", str(path)]) == 2
     err = capsys.readouterr().err
     assert "events.csv, column 'amount': NaN or infinite value" in err and "Traceback" not in err

@@ -19,9 +19,7 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("repo")
-    assert (
-        main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo), "--name", "twin"]) == 0
-    )
+    assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo), "--name", "twin"]) == 0
     return repo
 
 
@@ -58,54 +56,23 @@ def test_served_twin_equals_in_process(exported, events_csv):
 
 def test_predict_cli_writes_one_row_per_customer(exported, events_csv, tmp_path, capsys):
     out = tmp_path / "preds.parquet"
-    assert (
-        main(
-            [
-                "predict",
-                "--repo",
-                str(exported),
-                "--model",
-                "twin",
-                "--events",
-                events_csv,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["predict", "--repo", str(exported), "--model", "twin", "--events", events_csv,
+                 "--out", str(out)]) == 0
     assert len(pd.read_parquet(out)) == 60 and "60 customers scored" in capsys.readouterr().out
 
 
 def test_predict_cli_bad_events_exit_2(exported, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("customer_id,timestamp,event_type,amount\n1,2024-01-01,card,-3\n")
-    assert (
-        main(
-            [
-                "predict",
-                "--repo",
-                str(exported),
-                "--model",
-                "twin",
-                "--events",
-                str(bad),
-                "--out",
-                str(tmp_path / "p.parquet"),
-            ]
-        )
-        == 2
-    )
+    assert main(["predict", "--repo", str(exported), "--model", "twin", "--events", str(bad),
+                 "--out", str(tmp_path / "p.parquet")]) == 2
     assert "negative value -3.0" in capsys.readouterr().err
     assert not (tmp_path / "p.parquet").exists()
 
 
 def test_export_adds_a_version_and_keeps_the_first(exported, tiny_checkpoint):
     first = (exported / "twin" / "1" / "model.onnx").read_bytes()
-    assert (
-        main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(exported), "--name", "twin"])
-        == 0
-    )
+    assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(exported), "--name", "twin"]) == 0
     assert (exported / "twin" / "2" / "model.onnx").is_file()
     assert (exported / "twin" / "1" / "model.onnx").read_bytes() == first
 

@@ -75,12 +75,8 @@ def calendar_features(ns: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def event_features(
-    events: pd.DataFrame,
-    vocab: Vocab,
-    numeric_features: list[str],
-    starts: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
+def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[str],
+                   starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Flat per-event model inputs for an event table sorted by customer then time.
 
     ``starts`` (first row of each customer) is computed when not given.
@@ -119,9 +115,7 @@ def fit_scaling(features: dict[str, np.ndarray]) -> dict[str, float | list[float
         "numeric_std": [],
     }
     gaps = features["delta_t"][features["delta_t"] > 0].astype(np.float64)
-    scaling["gap_log_mean"], scaling["gap_log_std"] = (
-        stats(np.log(gaps)) if len(gaps) else (0.0, 1.0)
-    )
+    scaling["gap_log_mean"], scaling["gap_log_std"] = stats(np.log(gaps)) if len(gaps) else (0.0, 1.0)
     if "numeric" in features and features["numeric"].shape[1]:
         num = features["numeric"].astype(np.float64)
         scaling["numeric_mean"] = num.mean(axis=0).tolist()

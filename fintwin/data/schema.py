@@ -25,16 +25,10 @@ SHOWN_ROWS = 5
 class EventValidationError(FintwinInputError):
     """An event table breaks the event contract."""
 
-    def __init__(
-        self, source: str, column: str | None, problem: str, rows: list[int] | None = None
-    ):
+    def __init__(self, source: str, column: str | None, problem: str, rows: list[int] | None = None):
         self.source, self.column, self.rows = source, column, rows or []
         where = f"{source}" + (f", column '{column}'" if column else "")
-        shown = (
-            f" (first offending rows, 0-based: {', '.join(map(str, self.rows))})"
-            if self.rows
-            else ""
-        )
+        shown = f" (first offending rows, 0-based: {', '.join(map(str, self.rows))})" if self.rows else ""
         super().__init__(f"{where}: {problem}{shown}")
 
 
@@ -72,20 +66,16 @@ def _check_columns(df: pd.DataFrame, schema: EventSchema, source: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise EventValidationError(
-            source,
-            missing[0],
+            source, missing[0],
             f"missing required column(s) {missing}; expected {list(REQUIRED_COLUMNS)}, "
             f"found {list(df.columns)}",
         )
-    for kind, names in (
-        ("numeric", schema.numeric_features),
-        ("categorical", schema.categorical_features),
-    ):
+    for kind, names in (("numeric", schema.numeric_features),
+                        ("categorical", schema.categorical_features)):
         absent = [c for c in names if c not in df.columns]
         if absent:
             raise EventValidationError(
-                source,
-                absent[0],
+                source, absent[0],
                 f"{kind} feature column(s) {absent} are declared in the data config but absent; "
                 f"found {list(df.columns)}",
             )
@@ -95,26 +85,20 @@ def _customer_ids(col: pd.Series, source: str) -> pd.Series:
     """Customer ids must be strings or integers; they are normalised to str."""
     missing = col.isna().to_numpy()
     if missing.any():
-        raise EventValidationError(
-            source,
-            "customer_id",
-            "missing customer id; expected str or int",
-            _offending(missing, col.index),
-        )
+        raise EventValidationError(source, "customer_id", "missing customer id; expected str or int",
+                                   _offending(missing, col.index))
     if pd.api.types.is_integer_dtype(col) or isinstance(col.dtype, pd.StringDtype):
         return col.astype(str)
     if pd.api.types.is_object_dtype(col):
-        bad = ~col.map(
-            lambda v: isinstance(v, (str, int, np.integer)) and not isinstance(v, bool)
-        ).to_numpy(dtype=bool)
+        bad = ~col.map(lambda v: isinstance(v, (str, int, np.integer))
+                       and not isinstance(v, bool)).to_numpy(dtype=bool)
     else:
         bad = np.ones(len(col), dtype=bool)
     if not bad.any():
         return col.astype(str)
     example = col[bad].iloc[0]
     raise EventValidationError(
-        source,
-        "customer_id",
+        source, "customer_id",
         f"wrong type: {example!r} is {type(example).__name__} (column dtype {col.dtype}); "
         "expected str or int customer ids",
         _offending(bad, col.index),
@@ -133,8 +117,7 @@ def _timestamps(col: pd.Series, source: str) -> pd.Series:
     if bad.any():
         example = col[bad].iloc[0]
         raise EventValidationError(
-            source,
-            "timestamp",
+            source, "timestamp",
             f"unparseable timestamp {example!r}; expected a datetime or ISO-8601 string "
             "(e.g. 2024-03-01 or 2024-03-01T12:30:00)",
             _offending(bad, col.index),
@@ -148,29 +131,21 @@ def _numbers(col: pd.Series, name: str, source: str, allow_negative: bool) -> pd
     not_numeric = values.isna().to_numpy() & col.notna().to_numpy()
     if not_numeric.any():
         raise EventValidationError(
-            source,
-            name,
-            f"non-numeric value {col[not_numeric].iloc[0]!r}; expected a number",
+            source, name, f"non-numeric value {col[not_numeric].iloc[0]!r}; expected a number",
             _offending(not_numeric, col.index),
         )
     arr = values.to_numpy()
     bad = ~np.isfinite(arr)
     if bad.any():
-        raise EventValidationError(
-            source,
-            name,
-            "NaN or infinite value; expected a finite number",
-            _offending(bad, col.index),
-        )
+        raise EventValidationError(source, name, "NaN or infinite value; expected a finite number",
+                                   _offending(bad, col.index))
     if not allow_negative and (arr < 0).any():
         neg = arr < 0
         raise EventValidationError(
-            source,
-            name,
+            source, name,
             f"negative value {arr[neg][0]}; expected >= 0 (set data.schema.allow_negative_amount"
-            " to accept negative amounts)"
-            if name == "amount"
-            else f"negative value {arr[neg][0]}; expected >= 0",
+            " to accept negative amounts)" if name == "amount" else
+            f"negative value {arr[neg][0]}; expected >= 0",
             _offending(neg, col.index),
         )
     return values
@@ -179,9 +154,8 @@ def _numbers(col: pd.Series, name: str, source: str, allow_negative: bool) -> pd
 def _strings(col: pd.Series, name: str, source: str) -> pd.Series:
     bad = col.isna().to_numpy()
     if bad.any():
-        raise EventValidationError(
-            source, name, "missing value; expected a non-empty string", _offending(bad, col.index)
-        )
+        raise EventValidationError(source, name, "missing value; expected a non-empty string",
+                                   _offending(bad, col.index))
     return col.astype(str)
 
 
@@ -196,18 +170,14 @@ def validate_events(
     """
     schema = schema or EventSchema()
     if len(df) == 0:
-        raise EventValidationError(
-            source, None, "empty input: no event rows; expected at least one"
-        )
+        raise EventValidationError(source, None, "empty input: no event rows; expected at least one")
     _check_columns(df, schema, source)
-    out = pd.DataFrame(
-        {
-            "customer_id": _customer_ids(df["customer_id"], source),
-            "timestamp": _timestamps(df["timestamp"], source),
-            "event_type": _strings(df["event_type"], "event_type", source),
-            "amount": _numbers(df["amount"], "amount", source, schema.allow_negative_amount),
-        }
-    )
+    out = pd.DataFrame({
+        "customer_id": _customer_ids(df["customer_id"], source),
+        "timestamp": _timestamps(df["timestamp"], source),
+        "event_type": _strings(df["event_type"], "event_type", source),
+        "amount": _numbers(df["amount"], "amount", source, schema.allow_negative_amount),
+    })
     for name in schema.numeric_features:
         out[name] = _numbers(df[name], name, source, allow_negative=True)
     for name in schema.categorical_features:
@@ -216,12 +186,8 @@ def validate_events(
     duplicated = out.duplicated(keep="first").to_numpy()
     n_dup = int(duplicated.sum())
     if n_dup:
-        log.warning(
-            "%s: %d exact duplicate rows%s",
-            source,
-            n_dup,
-            " dropped" if schema.drop_duplicates else " kept (data.schema.drop_duplicates=false)",
-        )
+        log.warning("%s: %d exact duplicate rows%s", source, n_dup,
+                    " dropped" if schema.drop_duplicates else " kept (data.schema.drop_duplicates=false)")
         if schema.drop_duplicates:
             out = out[~duplicated]
 

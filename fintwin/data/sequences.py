@@ -240,16 +240,9 @@ def build_sequences(
     )
 
 
-def inference_sequences(
-    events: pd.DataFrame, vocab: Vocab, max_len: int, numeric_features: list[str] | None = None
-) -> SequenceSet:
+def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
+                        numeric_features: list[str] | None = None) -> SequenceSet:
     """Sequences of every event in ``events`` (no cut-off), as a deployed twin scores them."""
     last_day = events["timestamp"].max()
-    return build_sequences(
-        events,
-        vocab,
-        cutoff=last_day,
-        horizon_days=1.0,
-        max_len=max_len,
-        numeric_features=numeric_features,
-    )
+    return build_sequences(events, vocab, cutoff=last_day, horizon_days=1.0, max_len=max_len,
+                           numeric_features=numeric_features)

@@ -26,9 +26,7 @@ def cdnow_path(name: str = "cdnow") -> Path:
     try:
         root = importlib.resources.files("lifetimes") / "datasets"
     except ModuleNotFoundError as err:
-        raise FintwinInputError(
-            "CDNOW needs the 'lifetimes' package (pip install lifetimes)"
-        ) from err
+        raise FintwinInputError("CDNOW needs the 'lifetimes' package (pip install lifetimes)") from err
     return Path(str(root / CDNOW_FILES[name]))
 
 
@@ -39,28 +37,17 @@ def read_cdnow(name: str = "cdnow") -> pd.DataFrame:
     2,357-customer tenth used in the BG/NBD paper.
     """
     path = cdnow_path(name)
-    cols = (
-        ["customer_id", "date", "cds", "amount"]
-        if name == "cdnow"
-        else ["customer_id", "sample_id", "date", "cds", "amount"]
-    )
-    raw = pd.read_csv(
-        path,
-        sep=r"\s+",
-        header=None,
-        names=cols,
-        dtype={"customer_id": str},
-        skiprows=1 if name == "cdnow" else 0,
-    )
-    return pd.DataFrame(
-        {
-            "customer_id": raw["customer_id"],
-            "timestamp": pd.to_datetime(raw["date"].astype(str), format="%Y%m%d"),
-            "event_type": "purchase",
-            "amount": raw["amount"].astype("float64"),
-            "cds": raw["cds"].astype("float64"),
-        }
-    )
+    cols = ["customer_id", "date", "cds", "amount"] if name == "cdnow" else \
+        ["customer_id", "sample_id", "date", "cds", "amount"]
+    raw = pd.read_csv(path, sep=r"\s+", header=None, names=cols, dtype={"customer_id": str},
+                      skiprows=1 if name == "cdnow" else 0)
+    return pd.DataFrame({
+        "customer_id": raw["customer_id"],
+        "timestamp": pd.to_datetime(raw["date"].astype(str), format="%Y%m%d"),
+        "event_type": "purchase",
+        "amount": raw["amount"].astype("float64"),
+        "cds": raw["cds"].astype("float64"),
+    })
 
 
 def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -70,9 +57,7 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     return pd.read_csv(path, usecols=wanted, dtype={"customer_id": str})
 
 
-def read_parquet(
-    path: Path, columns: list[str], filter_expr: pads.Expression | None = None
-) -> pd.DataFrame:
+def read_parquet(path: Path, columns: list[str], filter_expr: pads.Expression | None = None) -> pd.DataFrame:
     """Read only ``columns`` (and rows matching ``filter_expr``) of a Parquet file or directory."""
     dataset = pads.dataset(path, format="parquet", partitioning="hive")
     wanted = [c for c in columns if c in dataset.schema.names]
@@ -106,15 +91,12 @@ def read_source(source: str, schema: EventSchema, simulator_config=None) -> pd.D
     if not path.exists():
         raise FintwinInputError(
             f"{source}: no such file or directory; expected one of {list(BUILT_IN)}, "
-            "a .csv or .parquet file, or a directory of Parquet files"
-        )
+            "a .csv or .parquet file, or a directory of Parquet files")
     if path.is_dir() or path.suffix == ".parquet":
         return read_parquet(path, schema.columns)
     if path.suffix in (".csv", ".gz", ".txt"):
         return read_csv(path, schema.columns)
-    raise FintwinInputError(
-        f"{source}: unsupported file type '{path.suffix}'; expected .csv or .parquet"
-    )
+    raise FintwinInputError(f"{source}: unsupported file type '{path.suffix}'; expected .csv or .parquet")
 
 
 def load_events(

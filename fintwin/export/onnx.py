@@ -52,9 +52,8 @@ class ParityReport:
         return max(self.max_scaled.values(), default=0.0)
 
 
-def random_valid_inputs(
-    wrapper: ExportableTwin, batch: int, seq_len: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+def random_valid_inputs(wrapper: ExportableTwin, batch: int, seq_len: int,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random raw inputs obeying the contract: right padding, ids in the vocabulary."""
     vocab_size = wrapper.twin.hparams.vocab_size
     lengths = rng.integers(1, seq_len + 1, size=batch)
@@ -63,9 +62,7 @@ def random_valid_inputs(
     shape = (batch, seq_len)
 
     def pad(values: np.ndarray) -> np.ndarray:
-        return np.where(valid if values.ndim == 2 else valid[..., None], values, 0).astype(
-            values.dtype
-        )
+        return np.where(valid if values.ndim == 2 else valid[..., None], values, 0).astype(values.dtype)
 
     inputs = {
         "event_type": pad(rng.integers(1, vocab_size, shape)),
@@ -102,12 +99,8 @@ def _quiet(*loggers: str):
             logging.getLogger(name).setLevel(level)
 
 
-def check_parity(
-    wrapper: ExportableTwin,
-    onnx_path: Path,
-    seed: int = 0,
-    shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES,
-) -> ParityReport:
+def check_parity(wrapper: ExportableTwin, onnx_path: Path, seed: int = 0,
+                 shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES) -> ParityReport:
     """Compare onnxruntime with the PyTorch wrapper on fresh random batches."""
     session = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
@@ -125,9 +118,8 @@ def check_parity(
     return report
 
 
-def export_onnx(
-    twin: TrainedTwin, path: Path, tolerance: float = PARITY_TOLERANCE, seed: int = 0
-) -> ParityReport:
+def export_onnx(twin: TrainedTwin, path: Path, tolerance: float = PARITY_TOLERANCE,
+                seed: int = 0) -> ParityReport:
     """Export ``twin`` to ``path`` (single file) after checking parity; raise if it fails."""
     wrapper = ExportableTwin(twin.model.cpu().eval())
     with torch.no_grad():
@@ -150,13 +142,8 @@ def export_onnx(
 def source_commit() -> str:
     """The git commit of the code that exports (empty outside a checkout)."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        ).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -166,32 +153,22 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
     metrics_file = ckpt.parent.parent / "metrics.json"
     metrics = {}
     if metrics_file.is_file():
-        metrics = {
-            k: v
-            for k, v in json.loads(metrics_file.read_text()).items()
-            if isinstance(v, (int, float))
-        }
+        metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items()
+                   if isinstance(v, (int, float))}
     data = twin.data
     return {
-        "vocab": data["vocab"],
-        "numeric_features": data["numeric_features"],
-        "horizon_days": data["horizon_days"],
-        "max_len": data["max_len"],
-        "same_day_merge": data["same_day_merge"],
-        "observation_end": data["observation_end"],
-        "scaling": data["scaling"],
-        "quantiles": list(QUANTILE_LEVELS),
-        "encoder": twin.model.hparams.encoder["name"],
-        "metrics": metrics,
-        "parity_max_abs": report.max_abs,
-        "source_commit": source_commit(),
+        "vocab": data["vocab"], "numeric_features": data["numeric_features"],
+        "horizon_days": data["horizon_days"], "max_len": data["max_len"],
+        "same_day_merge": data["same_day_merge"], "observation_end": data["observation_end"],
+        "scaling": data["scaling"], "quantiles": list(QUANTILE_LEVELS),
+        "encoder": twin.model.hparams.encoder["name"], "metrics": metrics,
+        "parity_max_abs": report.max_abs, "source_commit": source_commit(),
         "checkpoint": str(ckpt),
     }
 
 
-def export_to_repository(
-    ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu", **triton_options
-) -> tuple[int, ParityReport]:
+def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
+                         **triton_options) -> tuple[int, ParityReport]:
     """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>``."""
     from fintwin.export.triton_repo import write_model_version
 
@@ -199,12 +176,6 @@ def export_to_repository(
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         report = export_onnx(twin, onnx_path)
-        version = write_model_version(
-            repo,
-            name,
-            onnx_path,
-            export_metadata(twin, ckpt, report),
-            device=device,
-            **triton_options,
-        )
+        version = write_model_version(repo, name, onnx_path, export_metadata(twin, ckpt, report),
+                                      device=device, **triton_options)
     return version, report

@@ -58,16 +58,8 @@ Device = Literal["cpu", "gpu"]
 
 # Featuriser settings a remote client needs, published in the config (latest version's).
 FEATURISER_PARAMETER = "fintwin_featuriser"
-FEATURISER_KEYS = (
-    "vocab",
-    "numeric_features",
-    "max_len",
-    "same_day_merge",
-    "horizon_days",
-    "quantiles",
-    "input_names",
-    "output_names",
-)
+FEATURISER_KEYS = ("vocab", "numeric_features", "max_len", "same_day_merge", "horizon_days",
+                   "quantiles", "input_names", "output_names")
 
 
 class ModelRepositoryError(ValueError):

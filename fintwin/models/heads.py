@@ -176,14 +176,8 @@ class TimeHead(nn.Module):
     still bias the dormancy upwards during training: see ``data.bucket_by_length``.)
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        n_components: int = 8,
-        loc_offset: float = 0.0,
-        loc_spread: float = 1.0,
-        dormancy_init: float = 0.5,
-    ) -> None:
+    def __init__(self, hidden_size: int, n_components: int = 8, loc_offset: float = 0.0,
+                 loc_spread: float = 1.0, dormancy_init: float = 0.5) -> None:
         super().__init__()
         self.n_components = n_components
         self.loc_offset = loc_offset

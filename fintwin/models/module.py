@@ -218,12 +218,9 @@ class TwinModule(pl.LightningModule):
         hidden = self.encoder.hidden_size
         self.type_head = TypeHead(hidden, vocab_size)
         self.time_head = TimeHead(
-            hidden,
-            n_components,
-            loc_offset=scaling.get("gap_log_mean", scaling["delta_t_mean"]),
+            hidden, n_components, loc_offset=scaling.get("gap_log_mean", scaling["delta_t_mean"]),
             loc_spread=scaling.get("gap_log_std", 1.0),
-            dormancy_init=scaling.get("dormancy_init", 0.5),
-        )
+            dormancy_init=scaling.get("dormancy_init", 0.5))
         self.amount_head = AmountHead(hidden, vocab_size, loc_offset=scaling["amount_mean"])
         self.churn_head = ChurnHead(hidden)
         self.horizon_head = HorizonHead(hidden, spend_unit=math.exp(scaling["amount_mean"]))

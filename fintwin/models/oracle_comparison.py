@@ -49,9 +49,7 @@ def oracle_comparison(model: TwinModule, datamodule: EventDataModule) -> dict[st
     model_nll = float(-model_ll.sum() / max(n_scored.sum(), 1))
 
     scored = pd.Series(n_scored, index=test_ids).sort_index()
-    oracle_nll = _scored_nll(
-        oracle_log_likelihood(test_events, config, observation_end=end), scored
-    )
+    oracle_nll = _scored_nll(oracle_log_likelihood(test_events, config, observation_end=end), scored)
     baseline = fit_marginal_baseline(_customer_events(calib, train_ids), end)
     marginal_nll = _scored_nll(baseline.log_likelihood(test_events, end), scored)
     return {

@@ -130,24 +130,18 @@ class TritonTransport:
         """The served model's configuration as JSON-like dict."""
         try:
             if self.protocol == "grpc":
-                return self._client.get_model_config(self.model, self.version, as_json=True)[
-                    "config"
-                ]
+                return self._client.get_model_config(self.model, self.version, as_json=True)["config"]
             return self._client.get_model_config(self.model, self.version)
         except InferenceServerException as exc:
-            raise InferenceError(
-                f"cannot read the config of {self.model!r}: {exc.message()}"
-            ) from exc
+            raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
 
     @property
     def metadata(self) -> dict:
         """Featuriser settings the export stored in the model config's parameters."""
         parameters = self.model_config().get("parameters", {})
         if FEATURISER_PARAMETER not in parameters:
-            raise InferenceError(
-                f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
-                "export it with `fintwin export`"
-            )
+            raise InferenceError(f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
+                                 "export it with `fintwin export`")
         return json.loads(parameters[FEATURISER_PARAMETER]["string_value"])
 
     def _get_layout(self) -> _Layout:
@@ -255,24 +249,14 @@ class TwinClient:
     ``predict(events)`` returns one row per customer.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: WireProtocol = "grpc",
-        model: str = "fintwin",
-        version: str = "",
-        *,
-        repo: Path | None = None,
-        batch_size: int = 256,
-        top_k: int = 3,
-    ) -> None:
+    def __init__(self, url: str | None = None, protocol: WireProtocol = "grpc", model: str = "fintwin",
+                 version: str = "", *, repo: Path | None = None, batch_size: int = 256,
+                 top_k: int = 3) -> None:
         if (url is None) == (repo is None):
             raise ValueError("give exactly one of url (a Triton server) or repo (in-process)")
         self.transport: Transport = (
             InProcessRunner(Path(repo), model, int(version) if version else None)
-            if repo is not None
-            else TritonTransport(url, protocol, model, version)
-        )
+            if repo is not None else TritonTransport(url, protocol, model, version))
         self.settings = self.transport.metadata
         self.batch_size, self.top_k = batch_size, top_k
 
@@ -289,17 +273,14 @@ class TwinClient:
             if self.settings.get("same_day_merge"):
                 table = merge_same_day(table, numeric)
         else:
-            table, _ = load_events(
-                str(events), schema, same_day_merge=bool(self.settings.get("same_day_merge"))
-            )
+            table, _ = load_events(str(events), schema,
+                                   same_day_merge=bool(self.settings.get("same_day_merge")))
         vocab = Vocab.from_dict(self.settings["vocab"])
         return inference_sequences(table, vocab, int(self.settings["max_len"]), numeric)
 
     def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = outputs["next_event_probs"]
-        names = np.array(
-            ["<pad>", "<oov>", *Vocab.from_dict(self.settings["vocab"]).tokens], dtype=object
-        )
+        names = np.array(["<pad>", "<oov>", *Vocab.from_dict(self.settings["vocab"]).tokens], dtype=object)
         ranked = np.where(np.arange(probs.shape[1]) == 0, -1.0, probs)  # padding is never a type
         top = np.argsort(-ranked, axis=1)[:, : min(self.top_k, probs.shape[1] - 1)]
         frame = {"customer_id": customer_ids}
@@ -308,16 +289,8 @@ class TwinClient:
             frame[f"top{k + 1}_prob"] = np.take_along_axis(probs, top[:, k : k + 1], 1)[:, 0]
         frame["next_time_mean_days"] = outputs["next_time_mean"]
         for i, level in enumerate(self.settings.get("quantiles", [0.1, 0.5, 0.9])):
-            frame[f"next_time_q{round(level * 100):02d}_days"] = outputs["next_time_quantiles"][
-                :, i
-            ]
-        for name in (
-            "dormant_prob",
-            "next_amount_mean",
-            "churn_prob",
-            "horizon_count",
-            "horizon_spend",
-        ):
+            frame[f"next_time_q{round(level * 100):02d}_days"] = outputs["next_time_quantiles"][:, i]
+        for name in ("dormant_prob", "next_amount_mean", "churn_prob", "horizon_count", "horizon_spend"):
             frame[name] = outputs[name]
         return pd.DataFrame(frame)
 
@@ -343,3 +316,4 @@ class TwinClient:
     def close(self) -> None:
         """Release the transport."""
         self.transport.close()
+

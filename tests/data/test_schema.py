@@ -39,11 +39,8 @@ def test_missing_required_column():
 
 
 def test_unparseable_timestamp_names_row():
-    err = reject(
-        table(timestamp=["2024-01-01", "yesterday", "2024-01-03"]),
-        "unparseable timestamp 'yesterday'",
-        column="timestamp",
-    )
+    err = reject(table(timestamp=["2024-01-01", "yesterday", "2024-01-03"]),
+                 "unparseable timestamp 'yesterday'", column="timestamp")
     assert err.rows == [1]
 
 
@@ -55,9 +52,7 @@ def test_nan_or_inf_amount(bad):
 
 def test_negative_amount_rejected_unless_allowed():
     reject(table(amount=[1.0, -5.0, 2.0]), "negative value -5.0; expected >= 0", column="amount")
-    out, _ = validate_events(
-        table(amount=[1.0, -5.0, 2.0]), EventSchema(allow_negative_amount=True)
-    )
+    out, _ = validate_events(table(amount=[1.0, -5.0, 2.0]), EventSchema(allow_negative_amount=True))
     assert out["amount"].min() == -5.0
 
 
@@ -75,12 +70,8 @@ def test_wrong_customer_id_type(ids):
 
 
 def test_declared_feature_absent():
-    err = reject(
-        table(),
-        "declared in the data config but absent",
-        EventSchema(numeric_features=["balance"]),
-        column="balance",
-    )
+    err = reject(table(), "declared in the data config but absent",
+                 EventSchema(numeric_features=["balance"]), column="balance")
     assert "numeric" in str(err)
 
 

@@ -13,21 +13,17 @@ CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
 def hand_table():
     """Customer a: events on days 0, 10, 40 (+ one after the cut-off); b: a single event."""
     t0 = pd.Timestamp("2024-05-01")
-    rows = [
-        ("a", t0, "card", 10.0),
-        ("a", t0 + pd.Timedelta(days=10), "salary", 100.0),
-        ("a", t0 + pd.Timedelta(days=20, hours=12), "card", 5.0),
-        ("a", pd.Timestamp("2024-06-15"), "card", 7.0),
-        ("b", pd.Timestamp("2024-05-30"), "mystery", 3.0),
-    ]
+    rows = [("a", t0, "card", 10.0), ("a", t0 + pd.Timedelta(days=10), "salary", 100.0),
+            ("a", t0 + pd.Timedelta(days=20, hours=12), "card", 5.0),
+            ("a", pd.Timestamp("2024-06-15"), "card", 7.0),
+            ("b", pd.Timestamp("2024-05-30"), "mystery", 3.0)]
     df = pd.DataFrame(rows, columns=["customer_id", "timestamp", "event_type", "amount"])
     return validate_events(df)[0]
 
 
 def test_targets_by_hand():
-    seq = build_sequences(
-        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=10
-    )
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=10)
     b = seq.batch(np.array([0, 1]))
     assert b["length"].tolist() == [3, 1]
     assert b["event_type"].tolist() == [[2, 3, 2], [OOV_ID, 0, 0]]
@@ -46,9 +42,8 @@ def test_targets_by_hand():
 
 
 def test_loss_terms_per_customer_by_hand():
-    seq = build_sequences(
-        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=10
-    )
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=10)
     # a: 2 observed next events, 3 gaps (one censored), 2 churn and 2 horizon targets; b: 1 gap
     assert loss_terms_per_customer(seq, np.array([0])) == {
         "events_per_customer": 2.0,
@@ -65,9 +60,8 @@ def test_loss_terms_per_customer_by_hand():
 
 
 def test_truncation_keeps_most_recent_and_padding_is_zero():
-    seq = build_sequences(
-        hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15, max_len=2
-    )
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=2)
     b = seq.batch(np.array([1, 0]))
     assert b["length"].tolist() == [1, 2]
     assert b["amount"].tolist() == [[3.0, 0.0], [100.0, 5.0]]
@@ -98,24 +92,15 @@ def test_single_event_customer_kept():
 
 
 def _datamodule(events):
-    dm = EventDataModule(
-        events=events,
-        cutoff="2024-05-31",
-        horizon_days=30,
-        max_len=16,
-        batch_size=8,
-        val_fraction=0.2,
-        test_fraction=0.2,
-        seed=3,
-    )
+    dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=16,
+                         batch_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
     dm.setup()
     return dm
 
 
 def _all_batches(dm):
-    return {
-        k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.features
-    } | {k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.targets}
+    return {k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.features} | {
+        k: dm.sequences.batch(np.arange(len(dm.sequences)))[k] for k in dm.sequences.targets}
 
 
 def test_no_leak_from_after_cutoff(events):
@@ -138,9 +123,7 @@ def test_no_leak_from_after_cutoff(events):
 def test_split_is_disjoint_seeded_and_complete(events):
     dm = _datamodule(events)
     parts = [set(dm.splits[s].tolist()) for s in ("train", "val", "test")]
-    assert sum(map(len, parts)) == len(dm.sequences) and not (
-        parts[0] & parts[1] | parts[1] & parts[2]
-    )
+    assert sum(map(len, parts)) == len(dm.sequences) and not (parts[0] & parts[1] | parts[1] & parts[2])
     assert np.array_equal(_datamodule(events).splits["val"], dm.splits["val"])
 
 

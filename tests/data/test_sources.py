@@ -27,17 +27,9 @@ def test_cdnow_same_day_merge_matches_literature():
 
 
 def test_merge_same_day_sums_amount_and_features():
-    df = pd.DataFrame(
-        {
-            "customer_id": ["a", "a", "a"],
-            "timestamp": pd.to_datetime(
-                ["2024-01-01 09:00", "2024-01-01 18:00", "2024-01-02 00:00"]
-            ),
-            "event_type": ["buy", "buy", "buy"],
-            "amount": [1.0, 2.0, 4.0],
-            "n": [1.0, 1.0, 3.0],
-        }
-    )
+    df = pd.DataFrame({"customer_id": ["a", "a", "a"],
+                       "timestamp": pd.to_datetime(["2024-01-01 09:00", "2024-01-01 18:00", "2024-01-02 00:00"]),
+                       "event_type": ["buy", "buy", "buy"], "amount": [1.0, 2.0, 4.0], "n": [1.0, 1.0, 3.0]})
     out = merge_same_day(df, ["n"])
     assert out["amount"].tolist() == [3.0, 4.0] and out["n"].tolist() == [2.0, 3.0]
     assert out["timestamp"].iloc[0] == pd.Timestamp("2024-01-01 09:00")
@@ -53,12 +45,8 @@ def test_csv_keeps_string_ids(tmp_path, events):
 
 def test_parquet_directory_projects_columns(tmp_path, events):
     events = events.assign(blob="x" * 1000, balance=1.0, bucket=events.index % 3)
-    pads.write_dataset(
-        pa.Table.from_pandas(events),
-        tmp_path / "ds",
-        format="parquet",
-        partitioning=pads.partitioning(pa.schema([("bucket", pa.int64())]), flavor="hive"),
-    )
+    pads.write_dataset(pa.Table.from_pandas(events), tmp_path / "ds", format="parquet",
+                       partitioning=pads.partitioning(pa.schema([("bucket", pa.int64())]), flavor="hive"))
     schema = EventSchema(numeric_features=["balance"])
     raw = read_parquet(tmp_path / "ds", schema.columns)
     assert list(raw.columns) == schema.columns  # the wide 'blob' column is never read
@@ -77,7 +65,5 @@ def test_missing_file_and_bad_extension(tmp_path):
 def test_bad_csv_names_file(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("customer_id,timestamp,event_type\n1,2024-01-01,a\n")
-    with pytest.raises(
-        FintwinInputError, match=r"bad.csv, column 'amount': missing required column"
-    ):
+    with pytest.raises(FintwinInputError, match=r"bad.csv, column 'amount': missing required column"):
         load_events(str(path))

@@ -19,16 +19,8 @@ from fintwin.models.quality import gap_baselines, gap_calibration
 
 @pytest.fixture
 def datamodule(events) -> EventDataModule:
-    dm = EventDataModule(
-        events=events,
-        cutoff="2024-05-31",
-        horizon_days=30,
-        max_len=64,
-        batch_size=8,
-        val_fraction=0.2,
-        test_fraction=0.3,
-        seed=3,
-    )
+    dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=64,
+                         batch_size=8, val_fraction=0.2, test_fraction=0.3, seed=3)
     dm.setup()
     return dm
 
@@ -39,11 +31,8 @@ def test_gap_baselines_match_a_hand_computation(events, datamodule):
     pop_mean = np.exp(mu + sigma**2 / 2)
     own_errors, pop_errors = [], []
     for customer in dm.sequences.customer_ids[dm.splits["test"]]:
-        times = events.loc[
-            (events["customer_id"] == customer)
-            & (events["timestamp"] < pd.Timestamp("2024-06-01")),
-            "timestamp",
-        ]
+        times = events.loc[(events["customer_id"] == customer)
+                           & (events["timestamp"] < pd.Timestamp("2024-06-01")), "timestamp"]
         gaps = np.diff(np.sort(times.to_numpy()).astype(np.int64)) / NS_PER_DAY
         for i, next_gap in enumerate(gaps):
             own_mean = gaps[:i].mean() if i > 0 else pop_mean
@@ -51,12 +40,8 @@ def test_gap_baselines_match_a_hand_computation(events, datamodule):
             pop_errors.append(abs(np.exp(mu) - next_gap))
     assert len(own_errors) > 20
     baselines = gap_baselines(dm)
-    assert baselines["test/baseline_own_mean_time_mae"] == pytest.approx(
-        np.mean(own_errors), rel=1e-4
-    )
-    assert baselines["test/baseline_population_time_mae"] == pytest.approx(
-        np.mean(pop_errors), rel=1e-4
-    )
+    assert baselines["test/baseline_own_mean_time_mae"] == pytest.approx(np.mean(own_errors), rel=1e-4)
+    assert baselines["test/baseline_population_time_mae"] == pytest.approx(np.mean(pop_errors), rel=1e-4)
 
 
 class LogNormalGaps(torch.nn.Module):
@@ -69,14 +54,9 @@ class LogNormalGaps(torch.nn.Module):
 
     def head_outputs(self, hidden: torch.Tensor) -> SimpleNamespace:
         ones = torch.ones(*hidden.shape, 1)
-        return SimpleNamespace(
-            gap=GapDistribution(
-                log_weights=ones * 0.0,
-                loc=ones * np.log(10.0),
-                log_scale=ones * 0.0,
-                dormant_logit=torch.zeros(hidden.shape),
-            )
-        )
+        return SimpleNamespace(gap=GapDistribution(
+            log_weights=ones * 0.0, loc=ones * np.log(10.0), log_scale=ones * 0.0,
+            dormant_logit=torch.zeros(hidden.shape)))
 
 
 def test_gap_calibration_is_the_pit_of_observed_gaps(datamodule):
@@ -87,5 +67,4 @@ def test_gap_calibration_is_the_pit_of_observed_gaps(datamodule):
     calibration = gap_calibration(LogNormalGaps(), datamodule)
     assert calibration["test/time_pit_below_median"] == pytest.approx((gaps < 10.0).mean())
     assert calibration["test/time_pit_ks"] == pytest.approx(
-        stats.kstest(pit, "uniform").statistic, abs=1e-6
-    )
+        stats.kstest(pit, "uniform").statistic, abs=1e-6)
