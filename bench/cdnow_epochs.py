@@ -33,7 +33,7 @@ from rich.table import Table
 
 from fintwin.twin.evaluation import forecast_metrics, holdout_actuals
 from fintwin.twin.forecast import rollout_forecast
-from fintwin.twin.pipeline import load_inputs, rollout_config
+from fintwin.twin.pipeline import load_model, read_events, rollout_config
 from fintwin.twin.rollout import rollout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +57,16 @@ def validation_customers(run_dir: Path) -> pd.Index:
 
 
 def forecast_errors(
-    ckpt: Path, customers: pd.Index | None, cutoff: str, end: str, samples: int, seed: int
+    ckpt: Path,
+    events: pd.DataFrame,
+    customers: pd.Index | None,
+    window: tuple[str, str],
+    samples: int,
+    seed: int,
 ) -> dict[str, float]:
     """Rollout forecast metrics of ``customers`` (all when None) over (cutoff, end]."""
-    twin, events, spec = load_inputs(ckpt, "cdnow", "cpu")
+    cutoff, end = window
+    twin, spec = load_model(ckpt, "cpu")
     if customers is not None:
         events = events[events["customer_id"].isin(customers)]
     config = replace(rollout_config(events, samples, seed, max_steps=1000), progress=False)
@@ -83,16 +89,20 @@ def main() -> None:
     metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
     val_nll = metrics.dropna(subset=["val/event_nll"]).set_index("epoch")["val/event_nll"]
     customers = validation_customers(run_dir)
+    checkpoints = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    events = read_events(load_model(checkpoints[0], "cpu")[0], "cdnow")  # read once
     table = Table(
         title=f"CDNOW, seed {args.seed}, {args.samples} samples: {started}, {cpu_model()}"
     )
     for column in ("epoch", "val event NLL", "weeks 27-39 RMSE (val)", "total %",
                    "holdout RMSE (all)", "total %"):  # fmt: skip
         table.add_column(column, justify="right")
-    for ckpt in sorted((run_dir / "checkpoints").glob("epoch_*.ckpt")):
+    for ckpt in checkpoints:
         epoch = int(ckpt.stem.split("_")[1])
-        inner = forecast_errors(ckpt, customers, INNER_CUTOFF, CUTOFF, args.samples, args.seed)
-        outer = forecast_errors(ckpt, None, CUTOFF, HOLDOUT_END, args.samples, args.seed)
+        inner = forecast_errors(
+            ckpt, events, customers, (INNER_CUTOFF, CUTOFF), args.samples, args.seed
+        )
+        outer = forecast_errors(ckpt, events, None, (CUTOFF, HOLDOUT_END), args.samples, args.seed)
         table.add_row(
             str(epoch), f"{val_nll.loc[epoch]:.4f}",
             f"{inner['txn_rmse']:.4f}", f"{inner['txn_total_pct_err']:+.1f}",

@@ -144,11 +144,11 @@ def history_extent(sequences: SequenceSet, index: np.ndarray) -> dict[str, float
 
     Days are summed over the kept events' ``delta_t`` (as ``HistorySummary`` counts them), so
     the encoder can clamp the running count and age of longer simulated futures to the range
-    it was trained on.
+    it was trained on. Without customers there is no range: empty (no clamp).
     """
     index = np.asarray(index, dtype=np.int64)
     if len(index) == 0:
-        return {"history_max_events": 0.0, "history_max_days": 0.0}
+        return {}
     days = np.add.reduceat(sequences.features["delta_t"].astype(np.float64), sequences.starts)
     return {
         "history_max_events": float(sequences.lengths[index].max()),

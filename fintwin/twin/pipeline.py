@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,14 +41,6 @@ from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
 
-EVENT_SETTINGS = (
-    "same_day_merge",
-    "numeric_features",
-    "categorical_features",
-    "allow_negative_amount",
-    "drop_duplicates",
-    "simulator",
-)  # data settings that change the event table a checkpoint reads
 DEFAULT_SAMPLES = 100
 DEFAULT_MAX_STEPS = 1000
 FORECASTS_FILE = "forecasts.parquet"
@@ -104,21 +96,33 @@ def load_model(ckpt: str | Path, device: str | None = None) -> tuple[TrainedTwin
     return twin, HistorySpec.from_data_settings(twin.data)
 
 
-def read_events(twin: TrainedTwin, spec: HistorySpec, data_source: str) -> pd.DataFrame:
+def event_settings(data: Mapping) -> dict[str, object]:
+    """The checkpoint data settings (``TrainedTwin.data``) that decide the event table read."""
+    return {
+        "numeric_features": list(data.get("numeric_features") or []),
+        "categorical_features": list(data.get("categorical_features") or []),
+        "allow_negative_amount": bool(data.get("allow_negative_amount", False)),
+        "drop_duplicates": bool(data.get("drop_duplicates", False)),
+        "same_day_merge": bool(data.get("same_day_merge", False)),
+        "simulator": data.get("simulator"),
+    }
+
+
+def read_events(twin: TrainedTwin, data_source: str) -> pd.DataFrame:
     """The events of ``data_source``, read with the checkpoint's own data settings."""
-    data = twin.data
+    settings = event_settings(twin.data)
     schema = EventSchema(
-        numeric_features=list(spec.numeric_features),
-        categorical_features=list(data.get("categorical_features", [])),
-        allow_negative_amount=bool(data.get("allow_negative_amount", False)),
-        drop_duplicates=bool(data.get("drop_duplicates", False)),
+        numeric_features=settings["numeric_features"],
+        categorical_features=settings["categorical_features"],
+        allow_negative_amount=settings["allow_negative_amount"],
+        drop_duplicates=settings["drop_duplicates"],
     )
-    simulator = data.get("simulator")
+    simulator = settings["simulator"]
     use_simulator = simulator and data_source == "synthetic"
     events, _ = load_events(
         data_source,
         schema,
-        same_day_merge=bool(data.get("same_day_merge", False)),
+        same_day_merge=settings["same_day_merge"],
         simulator_config=SimulatorConfig(**simulator) if use_simulator else None,
     )
     return events
@@ -129,7 +133,7 @@ def load_inputs(
 ) -> tuple[TrainedTwin, pd.DataFrame, HistorySpec]:
     """The twin (on ``device``, default GPU when present), the events and the featurisation."""
     twin, spec = load_model(ckpt, device)
-    return twin, read_events(twin, spec, data_source), spec
+    return twin, read_events(twin, data_source), spec
 
 
 def has_dates_only(events: pd.DataFrame) -> bool:
@@ -236,13 +240,14 @@ def forecasts_table(predictions: dict[str, pd.DataFrame], actual: pd.DataFrame) 
 def check_same_events(members: list[tuple[Path, TrainedTwin]]) -> None:
     """An ensemble's members must read the events alike (the actuals and BG/NBD are shared)."""
     first_path, first = members[0]
+    expected = event_settings(first.data)
     for path, twin in members[1:]:
-        for key in EVENT_SETTINGS:
-            if twin.data.get(key) != first.data.get(key):
+        for key, value in event_settings(twin.data).items():
+            if value != expected[key]:
                 raise FintwinInputError(
-                    f"{path}: data.{key}={twin.data.get(key)!r} differs from "
-                    f"{first_path}'s {first.data.get(key)!r}; an ensemble's checkpoints must "
-                    "read the events the same way"
+                    f"{path}: data.{key}={value!r} differs from {first_path}'s "
+                    f"{expected[key]!r}; an ensemble's checkpoints must read the events the "
+                    "same way"
                 )
 
 
@@ -304,7 +309,7 @@ def report(
     for path, twin, _ in members:
         refuse_leaky_checkpoint(twin, path, cut)
     check_same_events([(path, twin) for path, twin, _ in members])
-    events = read_events(members[0][1], members[0][2], data_source)
+    events = read_events(members[0][1], data_source)
     check_inside_data(events, data_source, cut, last)
     baseline = fit_baseline(events, cut)
     days = holdout_week_ends(events, cut, last)
