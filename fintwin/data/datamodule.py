@@ -26,8 +26,8 @@ from fintwin.data.sequences import (
     build_sequences,
     calibration_events,
     fit_population_gaps,
-    history_extent,
     loss_terms_per_customer,
+    training_extent,
     training_gaps,
 )
 from fintwin.data.sources import load_events
@@ -223,7 +223,7 @@ class EventDataModule(pl.LightningDataModule):
         train_events = np.repeat(is_train, self.sequences.lengths)
         self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
         self.scaling |= loss_terms_per_customer(self.sequences, self.splits["train"])
-        self.scaling |= history_extent(self.sequences, self.splits["train"])
+        self.scaling |= training_extent(self.sequences, self.splits["train"], self.horizon_days)
         gaps = training_gaps(self.sequences, self.splits["train"], MAX_FIT_GAPS, self.seed)
         self.scaling["dormancy_init"] = fit_population_gaps(*gaps)[2]
         log.info(

@@ -27,8 +27,6 @@ TARGETS = (
     "gap_censored",
     "churn_label",
     "churn_mask",
-    "horizon_count",
-    "horizon_spend",
     "horizon_mask",
 )
 
@@ -61,13 +59,6 @@ def _next_event_targets(
     churn_label = (next_gap > horizon_days).astype(np.float32)
     churn_mask = ~is_last | (elapsed >= horizon_days)
 
-    # events in (t_i, t_i + H] of the same customer: search in a key that separates customers
-    span = float(times.max() - times.min()) + horizon_days + 1.0 if n else 1.0
-    key = group * span + (times - times.min() if n else times)
-    upper = np.searchsorted(key, key + horizon_days, side="right")
-    count = upper - np.arange(n) - 1
-    spend_cum = np.concatenate([[0.0], np.cumsum(features["amount"], dtype=np.float64)])
-    spend = spend_cum[upper] - spend_cum[np.arange(n) + 1]
     return {
         "next_type": np.where(is_last, 0, features["event_type"][nxt]).astype(np.int64),
         "next_gap": next_gap,
@@ -75,8 +66,6 @@ def _next_event_targets(
         "gap_censored": is_last,
         "churn_label": churn_label,
         "churn_mask": churn_mask,
-        "horizon_count": count.astype(np.float32),
-        "horizon_spend": spend.astype(np.float32),
         "horizon_mask": times + horizon_days <= end_days,
     }
 
@@ -139,21 +128,41 @@ def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[s
     return {name: float(count) / max(int(chosen.sum()), 1) for name, count in counts.items()}
 
 
-def history_extent(sequences: SequenceSet, index: np.ndarray) -> dict[str, float]:
-    """The longest kept history of the customers ``index``: most events and most days.
+def training_extent(
+    sequences: SequenceSet, index: np.ndarray, horizon_days: float
+) -> dict[str, float]:
+    """The range the model is trained on, from the customers ``index``, for clamping inputs.
 
-    Days are summed over the kept events' ``delta_t`` (as ``HistorySummary`` counts them), so
-    the encoder can clamp the running count and age of longer simulated futures to the range
-    it was trained on. Without customers there is no range: empty (no clamp).
+    ``history_max_events`` and ``history_max_days``: the longest kept history (days summed
+    over the kept events' ``delta_t``, as ``HistorySummary`` counts them), so the encoder
+    clamps the running count and age of longer simulated futures. ``horizon_max_elapsed``:
+    the longest silence after which a whole ``horizon_days`` window is observed (see
+    ``fintwin.models.module.silent_window_targets``), so the horizon head clamps the silence
+    it forecasts after. Without customers (or windows) there is no range: the key is absent.
     """
     index = np.asarray(index, dtype=np.int64)
     if len(index) == 0:
         return {}
-    days = np.add.reduceat(sequences.features["delta_t"].astype(np.float64), sequences.starts)
-    return {
+    delta = sequences.features["delta_t"].astype(np.float64)
+    days = np.add.reduceat(delta, sequences.starts)
+    extent = {
         "history_max_events": float(sequences.lengths[index].max()),
         "history_max_days": float(days[index].max()),
     }
+    first = np.zeros(len(delta), dtype=bool)
+    first[sequences.starts] = True
+    times = np.cumsum(np.where(first, 0.0, delta))
+    times -= np.repeat(times[sequences.starts], sequences.lengths)
+    last = sequences.starts + sequences.lengths - 1
+    next_gap = sequences.targets["next_gap"].astype(np.float64)
+    end = np.repeat(times[last] + next_gap[last], sequences.lengths)
+    room = np.minimum(next_gap, end - times - horizon_days)
+    chosen = np.zeros(len(sequences), dtype=bool)
+    chosen[index] = True
+    rows = np.repeat(chosen, sequences.lengths) & sequences.targets["horizon_mask"]
+    if rows.any():
+        extent["horizon_max_elapsed"] = float(room[rows].max())
+    return extent
 
 
 MAX_FIT_GAPS = 200_000  # per kind; a seeded subsample beyond this keeps the fit fast

@@ -3,7 +3,8 @@
 Factorisation (see the model contract): p(next type | h) * p(next gap | h) *
 p(next amount | next type, h), with a dormancy probability (never another event) after
 each event. Churn and horizon heads are direct predictions for a window of
-``horizon_days`` after the event.
+``horizon_days`` after the event (the horizon head also for one that starts after a given
+silence).
 
 All distribution maths runs in float32 (head outputs are cast), so mixed precision
 training only affects the encoder and the linear layers.
@@ -299,22 +300,48 @@ class HorizonPrediction:
 
 
 class HorizonHead(nn.Module):
-    """Expected number of events (Poisson, log link) and spend (Tweedie, log link).
+    """Expected number of events (Poisson, log link) and spend (Tweedie, log link) over the
+    ``horizon_days`` that start ``elapsed`` days after the event, given no event in between.
 
-    ``spend_unit`` (a typical amount, e.g. ``exp`` of the mean ``log1p(amount)``) scales the
-    spend so the raw linear output and the spend loss are of order one.
+    At ``elapsed = 0`` this is the window right after the event (the served output); at the
+    silence between a customer's last event and a cut-off it forecasts the window after the
+    cut-off. ``elapsed`` is clamped to ``max_elapsed``, the longest silence the training
+    targets start after (``scaling["horizon_max_elapsed"]``; unclamped when absent), so a
+    forecast never extrapolates the silence beyond what training saw. ``spend_unit`` (a
+    typical amount, e.g. ``exp`` of the mean ``log1p(amount)``) scales the spend so the raw
+    output and the spend loss are of order one.
     """
 
     def __init__(
-        self, hidden_size: int, spend_unit: float = 1.0, tweedie_power: float = 1.5
+        self,
+        hidden_size: int,
+        spend_unit: float = 1.0,
+        tweedie_power: float = 1.5,
+        horizon_days: float = 90.0,
+        max_elapsed: float = math.inf,
     ) -> None:
         super().__init__()
         self.log_spend_unit = math.log(spend_unit)
         self.tweedie_power = tweedie_power
-        self.linear = nn.Linear(hidden_size, 2)
+        self.horizon_days = horizon_days
+        self.register_buffer("max_elapsed", torch.tensor(max_elapsed), persistent=False)
+        width = max(hidden_size // 2, 8)
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size + 2, width), nn.GELU(), nn.Linear(width, 2)
+        )
 
-    def forward(self, hidden: Tensor) -> HorizonPrediction:
-        log_count, log_spend = self.linear(hidden).float().clamp(-20.0, 20.0).unbind(dim=-1)
+    def elapsed_features(self, elapsed: Tensor) -> Tensor:
+        """``[..., 2]``: log1p of the (clamped) silence in days and its share of the horizon."""
+        elapsed = torch.minimum(elapsed.float().clamp(min=0.0), self.max_elapsed)
+        return torch.stack([torch.log1p(elapsed), elapsed / self.horizon_days], dim=-1)
+
+    def forward(self, hidden: Tensor, elapsed: Tensor | None = None) -> HorizonPrediction:
+        """Predictions at hidden states ``[..., H]`` after ``elapsed`` ``[...]`` days (0 if None)."""
+        if elapsed is None:
+            elapsed = hidden.new_zeros(hidden.shape[:-1])
+        features = self.elapsed_features(elapsed).to(hidden.dtype)
+        raw = self.net(torch.cat([hidden, features], dim=-1)).float().clamp(-20.0, 20.0)
+        log_count, log_spend = raw.unbind(dim=-1)
         return HorizonPrediction(log_count=log_count, log_spend=log_spend + self.log_spend_unit)
 
     def losses(

@@ -13,8 +13,12 @@ the whole epoch, as an oracle reports:
   log-survival terms at each row's last event) / (observed + censored terms).
 - ``amount``: -log p(next amount | true next type), observed next events only.
 - ``churn``: binary cross-entropy on ``churn_label`` where ``churn_mask``.
-- ``horizon``: Poisson NLL of ``horizon_count`` + Tweedie (power 1.5) deviance of
-  ``horizon_spend`` measured in units of a typical amount, both where ``horizon_mask``.
+- ``horizon``: Poisson NLL of the event count + Tweedie (power 1.5) deviance of the spend
+  (in units of a typical amount) in a ``horizon_days`` window that starts after a silence
+  drawn at each ``horizon_mask`` position (``silent_window_targets``): uniform over the
+  silences the data can show whole windows for in training, half of the longest in
+  validation and test. The head thus learns to forecast from any point of a customer's
+  silence, e.g. a cut-off, not only right after an event.
   Tweedie handles the point mass at zero spend and the heavy right tail, and its log-link
   output is the expected spend itself (no retransformation bias as with MSE on log1p).
 
@@ -170,6 +174,42 @@ def observed_next_events(batch: Mapping[str, Tensor]) -> Tensor:
     return valid & ~batch["gap_censored"] & (batch["next_type"] > 0)
 
 
+def silent_window_targets(
+    batch: Mapping[str, Tensor], horizon_days: float, fraction: Tensor | float
+) -> dict[str, Tensor]:
+    """Horizon targets after a silence: ``[B, T]`` ``elapsed``, ``count``, ``spend``, ``mask``.
+
+    At each ``horizon_mask`` position ``i`` (a whole window fits before the end of
+    observation) the silence is ``elapsed = fraction * room`` with ``room = min(next gap,
+    end - t_i - horizon_days)``: the customer has had no event for ``elapsed`` days, and the
+    window ``(t_i + elapsed, t_i + elapsed + horizon_days]`` is observed. ``count`` and
+    ``spend`` are the events and amounts of the row in it. ``fraction`` in ``[0, 1)`` keeps
+    the silence before the next event; 0 gives the window right after the event. Times come
+    from the row's ``delta_t`` and the censored elapsed time of its last event.
+    """
+    width = batch["delta_t"].shape[1]
+    valid = sequence_mask(batch["length"], width)
+    delta = torch.where(valid, batch["delta_t"].double(), 0.0)
+    delta[:, 0] = 0.0  # the first kept event's gap reaches back before the kept history
+    times = delta.cumsum(dim=1)
+    last = (batch["length"] - 1).clamp(min=0)[:, None]
+    end = times.gather(1, last) + batch["next_gap"].double().gather(1, last)
+    mask = batch["horizon_mask"] & valid
+    room = torch.minimum(batch["next_gap"].double(), end - times - horizon_days).clamp(min=0.0)
+    elapsed = torch.where(mask, torch.as_tensor(fraction, dtype=room.dtype) * room, 0.0)
+    later = torch.arange(width, device=valid.device)
+    after_i = (later[None, None, :] > later[None, :, None]) & valid[:, None, :]
+    offset = times[:, None, :] - times[:, :, None]  # [B, i, j]: t_j - t_i
+    inside = after_i & (offset <= (elapsed + horizon_days)[:, :, None])
+    amounts = torch.where(valid, batch["amount"].double(), 0.0)
+    return {
+        "elapsed": elapsed.float(),
+        "count": torch.where(mask, inside.sum(dim=-1).double(), 0.0).float(),
+        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0).float(),
+        "mask": mask,
+    }
+
+
 class TwinModule(pl.LightningModule):
     """Customer twin: causal encoder + next-event, churn and horizon heads.
 
@@ -223,7 +263,12 @@ class TwinModule(pl.LightningModule):
             dormancy_init=scaling.get("dormancy_init", 0.5))
         self.amount_head = AmountHead(hidden, vocab_size, loc_offset=scaling["amount_mean"])
         self.churn_head = ChurnHead(hidden)
-        self.horizon_head = HorizonHead(hidden, spend_unit=math.exp(scaling["amount_mean"]))
+        self.horizon_head = HorizonHead(
+            hidden,
+            spend_unit=math.exp(scaling["amount_mean"]),
+            horizon_days=horizon_days,
+            max_elapsed=float(scaling.get("horizon_max_elapsed", math.inf)),
+        )
         self.register_buffer("quantile_levels", torch.tensor(QUANTILE_LEVELS), persistent=False)
         self.train_metrics = build_metrics(vocab_size)
         self.val_metrics = build_metrics(vocab_size)
@@ -234,14 +279,15 @@ class TwinModule(pl.LightningModule):
         """``[B, T, H]`` hidden states."""
         return self.encoder(batch)
 
-    def head_outputs(self, hidden: Tensor) -> HeadOutputs:
-        """Every head applied to hidden states ``[..., H]`` (e.g. ``state["hidden"]``)."""
+    def head_outputs(self, hidden: Tensor, horizon_elapsed: Tensor | None = None) -> HeadOutputs:
+        """Every head applied to hidden states ``[..., H]`` (e.g. ``state["hidden"]``); the
+        horizon head's window starts ``horizon_elapsed`` ``[...]`` days after the event (0)."""
         return HeadOutputs(
             type_logits=self.type_head(hidden),
             gap=self.time_head(hidden),
             amount=self.amount_head(hidden),
             churn_logit=self.churn_head(hidden),
-            horizon=self.horizon_head(hidden),
+            horizon=self.horizon_head(hidden, horizon_elapsed),
         )
 
     def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -298,18 +344,22 @@ class TwinModule(pl.LightningModule):
         }
 
     def _losses(
-        self, batch: Mapping[str, Tensor], out: HeadOutputs, ll: dict[str, Tensor]
+        self,
+        batch: Mapping[str, Tensor],
+        out: HeadOutputs,
+        ll: dict[str, Tensor],
+        window: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         norm = self._loss_normalisers(batch["event_type"].shape[0])
         valid = sequence_mask(batch["length"], batch["event_type"].shape[1])
         churn_mask = batch["churn_mask"] & valid
-        horizon_mask = batch["horizon_mask"] & valid
+        horizon_mask = window["mask"]
         zero = out.churn_logit.new_zeros(())
         churn = F.binary_cross_entropy_with_logits(
             out.churn_logit, batch["churn_label"].float(), reduction="none"
         )
         count_nll, spend_deviance = self.horizon_head.losses(
-            out.horizon, batch["horizon_count"], batch["horizon_spend"]
+            out.horizon, window["count"], window["spend"]
         )
         return {
             "type": -ll["type"].sum() / norm["events"],
@@ -378,10 +428,20 @@ class TwinModule(pl.LightningModule):
     def _forward_losses(
         self, batch: Mapping[str, Tensor]
     ) -> tuple[HeadOutputs, dict[str, Tensor], dict[str, Tensor], Tensor]:
-        out = self.head_outputs(self(batch))
+        window = silent_window_targets(
+            batch, self.horizon_head.horizon_days, self._silence_fraction(batch)
+        )
+        out = self.head_outputs(self(batch), window["elapsed"])
         ll = self._log_likelihood(batch, out)
-        losses = self._losses(batch, out, ll)
+        losses = self._losses(batch, out, ll, window)
         return out, ll, losses, self._total_loss(losses)
+
+    def _silence_fraction(self, batch: Mapping[str, Tensor]) -> Tensor | float:
+        """Where in each position's possible silence the horizon window starts: uniform
+        draws in training (a new point every epoch), the middle otherwise (a fixed score)."""
+        if self.training:
+            return torch.rand(batch["delta_t"].shape, device=batch["delta_t"].device)
+        return 0.5
 
     def loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The weighted multi-task loss of a batch, without logging or metrics."""

@@ -7,16 +7,16 @@ holdout is (cutoff, holdout_end], both whole days, as in `fintwin.twin.evaluatio
 - `twin`: Monte Carlo rollouts (`fintwin.twin.rollout`). Transactions are distinct calendar
   days with an event (the evaluation's same-day merging), conditioned on the silence between
   each customer's last event and the cut-off.
-- `twin_heads`: the direct heads at the last event, which predict the count and spend of
-  events within `horizon_days` after an event and the churn probability P(no event in that
-  time), for a customer known to be active. They are weighted by `p_alive`, the time head's
-  probability that the customer has not gone dormant given the silence since the last
-  event (`P(alive | no event for c days) = (1 - p_d) S(c) / (p_d + (1 - p_d) S(c))`, as
-  BG/NBD weighs its forecast by P(alive)), and converted to a holdout of W days assuming
-  events arrive at a constant rate: `pred_txn = p_alive * count * W / H`,
-  `pred_spend = p_alive * spend * W / H` and `p_any = p_alive * (1 - churn ** (W / H))` (a
-  Poisson process with the rate that gives `churn` over H). The approximation extrapolates
-  linearly when W > H and counts events rather than distinct days.
+- `twin_heads`: the direct heads at the last event, no simulation. The horizon head
+  predicts the count and spend of events in the `horizon_days` (H) that follow the `c` days
+  of silence between the last event and the cut-off (it is trained on windows after such
+  silences, and clamps `c` to the longest one training saw). The holdout of W days assumes
+  events keep that rate: `pred_txn = count * W / H`, `pred_spend = spend * W / H`, linear
+  beyond H, counting events rather than distinct days. `p_any = p_alive * (1 - churn **
+  (W / H))`: the churn head's P(no event within H after an event), as a Poisson process
+  over W, weighted by `p_alive`, the time head's probability that the customer has not
+  gone dormant given the silence (`P(alive | no event for c days) = (1 - p_d) S(c) / (p_d +
+  (1 - p_d) S(c))`, as BG/NBD weighs its forecast by P(alive)).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def rollout_forecast(result: RolloutResult) -> pd.DataFrame:
 def heads_at_last_event(
     model: TwinModule, sequences: SequenceSet, elapsed: np.ndarray, batch_size: int = HEADS_BATCH
 ) -> dict[str, np.ndarray]:
-    """Per customer (CPU arrays): ``horizon_count``, ``horizon_spend`` and ``churn_prob`` at
-    the last event, and ``p_alive`` given ``elapsed`` days of silence since it."""
+    """Per customer (CPU arrays) at the last event, given ``elapsed`` days of silence since
+    it: ``horizon_count`` and ``horizon_spend`` in the window after the silence,
+    ``churn_prob`` (right after the event) and ``p_alive``."""
     device = model_device(model)
     parts: list[dict[str, np.ndarray]] = []
     with eval_mode(model):
@@ -68,8 +69,8 @@ def heads_at_last_event(
             index = np.arange(first, min(first + batch_size, len(sequences)))
             batch = sequences.batch(index, with_targets=False)
             batch = {k: v.to(device) for k, v in batch.items()}
-            heads = model.head_outputs(gather_last(model(batch), batch["length"]))
             silence = torch.as_tensor(elapsed[index], dtype=torch.float32, device=device)
+            heads = model.head_outputs(gather_last(model(batch), batch["length"]), silence)
             outputs = {
                 "horizon_count": heads.horizon.count,
                 "horizon_spend": heads.horizon.spend,
@@ -94,8 +95,8 @@ def heads_forecast(
     p_alive = np.clip(heads["p_alive"].astype(float), 0.0, 1.0)
     return pd.DataFrame(
         {
-            "pred_txn": p_alive * heads["horizon_count"].astype(float) * ratio,
-            "pred_spend": p_alive * heads["horizon_spend"].astype(float) * ratio,
+            "pred_txn": heads["horizon_count"].astype(float) * ratio,
+            "pred_spend": heads["horizon_spend"].astype(float) * ratio,
             "p_any": p_alive * (1.0 - churn**ratio),
         },
         index=pd.Index(sequences.customer_ids, name="customer_id"),

@@ -5,7 +5,8 @@ import torch
 from fintwin.data.datamodule import EventDataModule
 from fintwin.data.features import OOV_ID, Vocab
 from fintwin.data.schema import validate_events
-from fintwin.data.sequences import build_sequences, history_extent, loss_terms_per_customer
+from fintwin.data.sequences import build_sequences, loss_terms_per_customer, training_extent
+from fintwin.models.module import silent_window_targets
 
 CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
 
@@ -32,9 +33,7 @@ def test_targets_by_hand():
     assert torch.allclose(b["next_gap"], torch.tensor([[10.0, 10.5, 10.5], [2.0, 0, 0]]))
     assert b["gap_censored"].tolist() == [[False, False, True], [True, False, False]]
     assert b["next_type"].tolist() == [[3, 2, 0], [0, 0, 0]]
-    # the post-cutoff event of 2024-06-15 is invisible: counts only see calibration events
-    assert b["horizon_count"][0].tolist() == [1.0, 1.0, 0.0]
-    assert b["horizon_spend"][0].tolist() == [100.0, 5.0, 0.0]
+    # whole 15-day windows after a's first two events fit before 2024-06-01
     assert b["horizon_mask"].tolist() == [[True, True, False], [False, False, False]]
     # churn within 15 days: gap 10 -> 0, gap 10.5 -> 0; censored 10.5 < 15 -> unknown
     assert b["churn_label"][0, :2].tolist() == [0.0, 0.0]
@@ -69,21 +68,54 @@ def test_truncation_keeps_most_recent_and_padding_is_zero():
     assert b["day_of_month"][0, 1] == 0 and not b["gap_censored"][0, 1]
 
 
-def test_history_extent_counts_the_kept_events_and_their_gaps():
-    """a keeps 3 events over 20.5 days; truncated to 2, its kept gaps still sum to 20.5."""
+def test_horizon_targets_after_a_silence_by_hand():
+    """a: events on days 0, 10, 20.5, observation ends on day 31, horizon 15 days."""
+    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
+                          max_len=10)
+    b = seq.batch(np.array([0, 1]))
+    # right after each event; the post-cutoff event of 2024-06-15 is invisible
+    right_after = silent_window_targets(b, 15.0, 0.0)
+    assert right_after["count"].tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert right_after["spend"].tolist() == [[100.0, 5.0, 0.0], [0.0, 0.0, 0.0]]
+    assert right_after["elapsed"].tolist() == [[0.0] * 3] * 2
+    assert right_after["mask"].tolist() == b["horizon_mask"].tolist()
+    # half-way through the room: min(next gap 10, 31 - 0 - 15) / 2 = 5 -> window (5, 20];
+    # min(10.5, 31 - 10 - 15) / 2 = 3 -> window (13, 28]
+    halfway = silent_window_targets(b, 15.0, 0.5)
+    assert halfway["elapsed"][0].tolist() == [5.0, 3.0, 0.0]
+    assert halfway["count"][0].tolist() == [1.0, 1.0, 0.0]
+    assert halfway["spend"][0].tolist() == [100.0, 5.0, 0.0]
+    # most of the room: silent 9.9 days -> window (9.9, 24.9] holds day 10 and day 20.5
+    late = silent_window_targets(b, 15.0, torch.tensor([[0.99, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert late["count"][0].tolist() == [2.0, 1.0, 0.0]
+    assert late["spend"][0].tolist() == [105.0, 5.0, 0.0]
+    # truncation keeps the later events, so the targets do not change
+    short = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF,
+                            horizon_days=15, max_len=2).batch(np.array([0]))
+    assert silent_window_targets(short, 15.0, 0.5)["count"][0].tolist() == [1.0, 0.0]
+
+
+def test_training_extent_counts_the_kept_events_their_gaps_and_the_longest_silence():
+    """a keeps 3 events over 20.5 days; truncated to 2, its kept gaps still sum to 20.5. A
+    whole 15-day window follows at most 10 days of silence (after day 0, before day 10)."""
     vocab = Vocab(("card", "salary"))
     full = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=10)
-    assert history_extent(full, np.array([0, 1])) == {
+    assert training_extent(full, np.array([0, 1]), 15.0) == {
         "history_max_events": 3.0,
         "history_max_days": 20.5,
+        "horizon_max_elapsed": 10.0,
     }
-    assert history_extent(full, np.array([1])) == {
+    assert training_extent(full, np.array([1]), 15.0) == {
         "history_max_events": 1.0,
         "history_max_days": 0.0,
     }
+    assert training_extent(full, np.array([], dtype=np.int64), 15.0) == {}
     short = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=2)
-    assert history_extent(short, np.array([0]))["history_max_events"] == 2.0
-    assert history_extent(short, np.array([0]))["history_max_days"] == 20.5
+    assert training_extent(short, np.array([0]), 15.0) == {
+        "history_max_events": 2.0,
+        "history_max_days": 20.5,
+        "horizon_max_elapsed": 6.0,
+    }
 
 
 def test_single_event_customer_kept():

@@ -60,20 +60,12 @@ def _targets(
     observed = np.arange(n) < n - 1
     churn_label = (next_gap > horizon).astype(np.float32)
     churn_mask = observed | (next_gap >= horizon)
-    count = np.zeros(n, np.float32)
-    spend = np.zeros(n, np.float32)
-    for t in range(n):
-        in_window = (times > times[t]) & (times <= times[t] + horizon)
-        count[t] = in_window.sum()
-        spend[t] = amounts[in_window].sum()
     return {
         "next_gap": next_gap,
         "next_amount": next_amount,
         "gap_censored": ~observed,
         "churn_label": churn_label,
         "churn_mask": churn_mask,
-        "horizon_count": count,
-        "horizon_spend": spend,
         "horizon_mask": times + horizon <= end_time,
     }
 
@@ -110,8 +102,6 @@ def build_batch(
         "next_gap",
         "next_amount",
         "churn_label",
-        "horizon_count",
-        "horizon_spend",
     )
     bool_keys = ("gap_censored", "churn_mask", "horizon_mask")
     out = {key: np.zeros((batch_size, max_len), np.int64) for key in int_keys}

@@ -96,7 +96,7 @@ def fix_heads(model: TwinModule, heads: KnownHeads) -> TwinModule:
         head.linear.weight.zero_()
         head.linear.bias.zero_()
     model.type_head.linear.bias[OOV_ID] = -40.0  # a trained twin rarely predicts OOV
-    model.horizon_head.linear.weight.zero_()
+    model.horizon_head.net[-1].weight.zero_()
     m = model.time_head.n_components
     bias = model.time_head.linear.bias
     bias[m : 2 * m] = math.log(heads.gap_median) - model.time_head.loc_offset
@@ -108,7 +108,7 @@ def fix_heads(model: TwinModule, heads: KnownHeads) -> TwinModule:
     amount[v : 2 * v] = math.log(heads.amount_median) - model.amount_head.loc_offset
     amount[2 * v :] = math.log(heads.amount_sigma)
     model.churn_head.linear.bias.fill_(_logit(heads.churn))
-    model.horizon_head.linear.bias.copy_(
+    model.horizon_head.net[-1].bias.copy_(
         torch.tensor(
             [math.log(heads.count), math.log(heads.spend) - model.horizon_head.log_spend_unit]
         )

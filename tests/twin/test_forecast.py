@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from fintwin.twin.evaluation import weekly_tracking
@@ -46,16 +47,26 @@ def test_heads_forecast_scales_the_horizon_to_the_holdout(events: pd.DataFrame) 
     assert forecast.index.tolist() == ["c0", "c1", "c2"]
 
 
-def test_heads_forecast_weighs_by_p_alive_after_the_silence(events: pd.DataFrame) -> None:
-    """Silent 0.5, 10 and 40 days: P(alive) = (1 - p) S(c) / (p + (1 - p) S(c))."""
-    heads = KnownHeads(gap_median=5.0, gap_sigma=0.5, p_dormant=0.2, count=2.0, spend=50.0)
+def test_heads_forecast_conditions_on_the_silence(events: pd.DataFrame) -> None:
+    """The horizon head gets each customer's silence before the cut-off (0.5, 10 and 40
+    days, clamped to the longest silence of training); P(any) is weighted by P(alive) =
+    (1 - p) S(c) / (p + (1 - p) S(c))."""
+    heads = KnownHeads(gap_median=5.0, gap_sigma=0.5, p_dormant=0.2, count=2.0, churn=0.25)
     model = fix_heads(build_twin("lstm"), heads)
+    model.horizon_head.max_elapsed.fill_(20.0)
+    seen: list[torch.Tensor] = []
+    model.horizon_head.register_forward_hook(
+        lambda module, args, output: seen.append(module.elapsed_features(args[1]))
+    )
     forecast = heads_forecast(model, SPEC.sequences(events, CUTOFF), HOLDOUT_END, HORIZON_DAYS)
+    silence = torch.tensor([0.5, 10.0, 20.0])
+    expected = torch.stack([torch.log1p(silence), silence / HORIZON_DAYS], dim=-1)
+    torch.testing.assert_close(seen[-1], expected, atol=1e-3, rtol=1e-4)
     survival = stats.lognorm.sf([0.5, 10.0, 40.0], s=0.5, scale=5.0)
     p_alive = 0.8 * survival / (0.2 + 0.8 * survival)
-    np.testing.assert_allclose(forecast["pred_txn"], p_alive * 2.0 * 61 / 30, rtol=2e-3)
-    np.testing.assert_allclose(forecast["pred_spend"], p_alive * 50.0 * 61 / 30, rtol=2e-3)
-    assert forecast["pred_txn"].is_monotonic_decreasing
+    ratio = 61 / 30
+    np.testing.assert_allclose(forecast["pred_txn"], 2.0 * ratio, rtol=1e-5)
+    np.testing.assert_allclose(forecast["p_any"], p_alive * (1 - 0.25**ratio), rtol=2e-3)
 
 
 def test_rollout_forecast_and_its_weekly_curve(events: pd.DataFrame) -> None:
