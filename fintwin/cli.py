@@ -122,7 +122,7 @@ def _predict(args: argparse.Namespace) -> int:
     client = TwinClient(args.url, args.protocol, args.model, args.version or "", repo=args.repo,
                         batch_size=args.batch_size, top_k=args.top_k)
     try:
-        predictions = client.predict(args.events, progress=True)
+        predictions = client.predict(args.events, progress=True, as_of=args.as_of)
     finally:
         client.close()
     write_table_atomic(predictions, args.out)
@@ -155,6 +155,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output .parquet or .csv")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--as-of", help="day the horizon forecast starts after (its end; default: "
+                        "the last day in --events); no event may come after it")
 
 
 def _add_twin_arguments(parser: argparse.ArgumentParser, end_flag: str, end_help: str) -> None:

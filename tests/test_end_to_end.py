@@ -7,7 +7,8 @@ import torch
 
 from fintwin.cli import main
 from fintwin.models.checkpoint import load_twin
-from fintwin.models.module import ExportableTwin
+from fintwin.errors import FintwinInputError
+from fintwin.models.module import OUTPUT_NAMES, ExportableTwin
 from fintwin.serving.client import TwinClient
 from fintwin.serving.server import EmbeddedTriton
 
@@ -23,20 +24,52 @@ def exported(tmp_path_factory, tiny_checkpoint):
     return repo
 
 
+def _torch_outputs(checkpoint, sequences) -> dict[str, np.ndarray]:
+    """The checkpoint's serving outputs for ``sequences`` scored after their silence."""
+    wrapper = ExportableTwin(load_twin(checkpoint).model)
+    batch = sequences.batch(np.arange(len(sequences)), with_targets=False)
+    batch["days_since_last_event"] = torch.from_numpy(
+        sequences.days_since_last_event().astype(np.float32)
+    )
+    with torch.no_grad():
+        outputs = wrapper(*(batch[n] for n in wrapper.input_names))
+    return {name: value.numpy() for name, value in zip(OUTPUT_NAMES, outputs, strict=True)}
+
+
 def test_in_process_scoring_matches_torch(exported, tiny_checkpoint, events_csv):
     client = TwinClient(repo=exported, model="twin")
     predictions = client.predict(events_csv)
     sequences = client.featurise(events_csv)
     client.close()
-    wrapper = ExportableTwin(load_twin(tiny_checkpoint).model)
-    batch = sequences.batch(np.arange(len(sequences)), with_targets=False)
-    with torch.no_grad():
-        churn = wrapper(*(batch[n] for n in wrapper.input_names))[5].numpy()
+    expected = _torch_outputs(tiny_checkpoint, sequences)
     assert len(predictions) == 60 and predictions["customer_id"].is_unique
-    np.testing.assert_allclose(predictions["churn_prob"], churn, atol=1e-5)
+    for name in ("churn_prob", "horizon_count", "horizon_spend"):
+        np.testing.assert_allclose(predictions[name], expected[name], rtol=1e-4, err_msg=name)
     probs = predictions[["top1_prob", "top2_prob", "top3_prob"]].to_numpy()
     assert (np.diff(probs, axis=1) <= 0).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
     assert set(predictions["top1_type"]) <= {"card", "salary", "transfer", "<oov>"}
+
+
+def test_as_of_forecasts_the_horizon_after_each_customers_silence(
+    exported, tiny_checkpoint, events_csv
+):
+    """Scoring 60 days after the last day feeds every customer 60 more days of silence: the
+    horizon outputs move, the next-event outputs (right after the last event) do not."""
+    last_day = pd.read_csv(events_csv, parse_dates=["timestamp"])["timestamp"].max().normalize()
+    later = last_day + pd.Timedelta(days=60)
+    client = TwinClient(repo=exported, model="twin")
+    now, then = client.predict(events_csv), client.predict(events_csv, as_of=later)
+    sequences = client.featurise(events_csv, as_of=later)
+    np.testing.assert_allclose(
+        sequences.days_since_last_event(), client.featurise(events_csv).days_since_last_event() + 60
+    )
+    expected = _torch_outputs(tiny_checkpoint, sequences)
+    np.testing.assert_allclose(then["horizon_count"], expected["horizon_count"], rtol=1e-4)
+    assert not np.allclose(then["horizon_count"], now["horizon_count"], rtol=1e-3)
+    np.testing.assert_array_equal(then["churn_prob"], now["churn_prob"])
+    with pytest.raises(FintwinInputError, match=r"customer \S+ has an event at .* after the as-of"):
+        client.predict(events_csv, as_of=last_day - pd.Timedelta(days=1))
+    client.close()
 
 
 @pytest.mark.slow
@@ -59,6 +92,10 @@ def test_predict_cli_writes_one_row_per_customer(exported, events_csv, tmp_path,
     assert main(["predict", "--repo", str(exported), "--model", "twin", "--events", events_csv,
                  "--out", str(out)]) == 0
     assert len(pd.read_parquet(out)) == 60 and "60 customers scored" in capsys.readouterr().out
+    assert main(["predict", "--repo", str(exported), "--model", "twin", "--events", events_csv,
+                 "--out", str(out), "--as-of", "2000-01-01"]) == 2
+    assert "after the as-of day 2000-01-01" in capsys.readouterr().err
+    assert len(pd.read_parquet(out)) == 60  # the earlier output is left as it was
 
 
 def test_predict_cli_bad_events_exit_2(exported, tmp_path, capsys):

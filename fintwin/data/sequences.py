@@ -19,6 +19,7 @@ import torch
 from scipy import optimize, stats
 
 from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY, Vocab, customer_groups, event_features
+from fintwin.errors import FintwinInputError
 
 TARGETS = (
     "next_type",
@@ -84,6 +85,13 @@ class SequenceSet:
 
     def __len__(self) -> int:
         return len(self.customer_ids)
+
+    def days_since_last_event(self, at: pd.Timestamp | None = None) -> np.ndarray:
+        """Days (float64) from each customer's last event to ``at`` (default: the end of
+        observation)."""
+        at = self.observation_end if at is None else pd.Timestamp(at)
+        last = self.last_event_time.astype("datetime64[ns]").astype(np.int64)
+        return (at.value - last) / NS_PER_DAY
 
     @property
     def n_events(self) -> int:
@@ -250,8 +258,18 @@ def build_sequences(
 
 
 def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
-                        numeric_features: list[str] | None = None) -> SequenceSet:
-    """Sequences of every event in ``events`` (no cut-off), as a deployed twin scores them."""
-    last_day = events["timestamp"].max()
-    return build_sequences(events, vocab, cutoff=last_day, horizon_days=1.0, max_len=max_len,
+                        numeric_features: list[str] | None = None,
+                        as_of: str | pd.Timestamp | None = None) -> SequenceSet:
+    """Sequences of every event in ``events``, as a deployed twin scores them, observed to the
+    end of the day ``as_of`` (default: the last event's day). ``FintwinInputError`` if an event
+    comes after it: scoring as of a day must not drop history silently."""
+    day = events["timestamp"].max() if as_of is None else pd.Timestamp(as_of)
+    late = events["timestamp"] >= observation_end(day)
+    if late.any():
+        first = events[late].iloc[0]
+        raise FintwinInputError(
+            f"customer {first['customer_id']} has an event at {first['timestamp']}, after the "
+            f"as-of day {day.date()}; score as of a later day or leave out the later events"
+        )
+    return build_sequences(events, vocab, cutoff=day, horizon_days=1.0, max_len=max_len,
                            numeric_features=numeric_features)

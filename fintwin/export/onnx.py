@@ -72,6 +72,7 @@ def random_valid_inputs(wrapper: ExportableTwin, batch: int, seq_len: int,
         "day_of_month": pad(rng.integers(1, 32, shape)),
         "hour": pad(rng.integers(0, 24, shape)),
         "length": lengths.astype(np.int64),
+        "days_since_last_event": rng.exponential(60.0, batch).astype(np.float32),
     }
     if wrapper.n_numeric:
         inputs["numeric"] = pad(rng.normal(0, 3, (*shape, wrapper.n_numeric)).astype(np.float32))

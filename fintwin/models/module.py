@@ -75,7 +75,17 @@ from fintwin.models.heads import (
 
 LOSS_TERMS = ("type", "time", "amount", "churn", "horizon")
 QUANTILE_LEVELS = (0.1, 0.5, 0.9)
-INPUT_NAMES = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour", "length")
+INPUT_NAMES = (
+    "event_type",
+    "amount",
+    "delta_t",
+    "day_of_week",
+    "day_of_month",
+    "hour",
+    "length",
+    "days_since_last_event",
+)
+ROW_INPUTS = ("length", "days_since_last_event")  # one value per customer: [B]
 OUTPUT_NAMES = (
     "next_event_probs",
     "next_time_mean",
@@ -291,8 +301,11 @@ class TwinModule(pl.LightningModule):
         )
 
     def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-customer serving outputs at each row's last real event (export friendly)."""
-        out = self.head_outputs(gather_last(self(batch), batch["length"]))
+        """Per-customer serving outputs at each row's last real event (export friendly); the
+        horizon outputs are for the window after ``batch["days_since_last_event"]`` ``[B]``
+        days of silence since that event (right after it when absent)."""
+        hidden = gather_last(self(batch), batch["length"])
+        out = self.head_outputs(hidden, batch.get("days_since_last_event"))
         probs = torch.softmax(out.type_logits, dim=-1)
         return {
             "next_event_probs": probs,
@@ -505,7 +518,9 @@ class TwinModule(pl.LightningModule):
 class ExportableTwin(nn.Module):
     """ONNX-exportable wrapper: named raw input tensors -> ``OUTPUT_NAMES`` tuple.
 
-    Inputs follow the model contract; ``numeric`` ``[B, T, F]`` is passed only when the
+    Inputs follow the model contract, plus ``days_since_last_event`` ``[B]``: each row's
+    silence since its last event at the time of the query (0: right after it), after which
+    the horizon outputs forecast. ``numeric`` ``[B, T, F]`` is passed only when the
     model has ``F > 0`` numeric features.
     """
 
@@ -531,6 +546,7 @@ class ExportableTwin(nn.Module):
         day_of_month: Tensor,
         hour: Tensor,
         length: Tensor,
+        days_since_last_event: Tensor,
         numeric: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         batch = {
@@ -541,6 +557,7 @@ class ExportableTwin(nn.Module):
             "day_of_month": day_of_month,
             "hour": hour,
             "length": length,
+            "days_since_last_event": days_since_last_event,
         }
         if numeric is not None:
             batch["numeric"] = numeric
@@ -559,6 +576,7 @@ class ExportableTwin(nn.Module):
             torch.randint(1, 32, shape),
             torch.randint(0, 24, shape),
             torch.full((batch_size,), seq_len, dtype=torch.int64),
+            torch.rand(batch_size) * 100.0,
         ]
         if self.n_numeric > 0:
             inputs.append(torch.randn(batch_size, seq_len, self.n_numeric))
@@ -569,9 +587,9 @@ class ExportableTwin(nn.Module):
         batch = torch.export.Dim("batch", min=1)
         seq = torch.export.Dim("seq", min=1)
         shapes: dict[str, dict[int, object]] = {
-            name: {0: batch, 1: seq} for name in INPUT_NAMES if name != "length"
+            name: {0: batch, 1: seq} for name in INPUT_NAMES if name not in ROW_INPUTS
         }
-        shapes["length"] = {0: batch}
+        shapes |= {name: {0: batch} for name in ROW_INPUTS}
         if self.n_numeric > 0:
             shapes["numeric"] = {0: batch, 1: seq}
         return shapes

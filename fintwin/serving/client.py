@@ -260,8 +260,9 @@ class TwinClient:
         self.settings = self.transport.metadata
         self.batch_size, self.top_k = batch_size, top_k
 
-    def featurise(self, events: pd.DataFrame | str | Path):
-        """Validated, (same-day merged) sequences of every customer in ``events``."""
+    def featurise(self, events: pd.DataFrame | str | Path, as_of: str | pd.Timestamp | None = None):
+        """Validated, (same-day merged) sequences of every customer in ``events``, observed to
+        the end of the day ``as_of`` (default: the last day in ``events``)."""
         from fintwin.data.schema import EventSchema, validate_events
         from fintwin.data.sequences import inference_sequences
         from fintwin.data.sources import load_events, merge_same_day
@@ -276,7 +277,7 @@ class TwinClient:
             table, _ = load_events(str(events), schema,
                                    same_day_merge=bool(self.settings.get("same_day_merge")))
         vocab = Vocab.from_dict(self.settings["vocab"])
-        return inference_sequences(table, vocab, int(self.settings["max_len"]), numeric)
+        return inference_sequences(table, vocab, int(self.settings["max_len"]), numeric, as_of)
 
     def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = outputs["next_event_probs"]
@@ -294,17 +295,22 @@ class TwinClient:
             frame[name] = outputs[name]
         return pd.DataFrame(frame)
 
-    def predict(self, events: pd.DataFrame | str | Path, progress: bool = False) -> pd.DataFrame:
-        """One row per customer: top-k next types, time to next event, amount, churn, horizon."""
+    def predict(self, events: pd.DataFrame | str | Path, progress: bool = False,
+                as_of: str | pd.Timestamp | None = None) -> pd.DataFrame:
+        """One row per customer: top-k next types, time to next event, amount, churn, and the
+        horizon count and spend forecast from the end of the day ``as_of`` (default: the last
+        day in ``events``), i.e. after each customer's silence since their last event."""
         from tqdm.auto import tqdm
 
-        sequences = self.featurise(events)
+        sequences = self.featurise(events, as_of)
+        silence = sequences.days_since_last_event().astype(np.float32)
         max_len = int(self.settings["max_len"])
         parts = []
         starts = range(0, len(sequences), self.batch_size)
         for lo in tqdm(starts, disable=not progress, unit="batch", desc="scoring"):
             index = np.arange(lo, min(lo + self.batch_size, len(sequences)))
             batch = {k: v.numpy() for k, v in sequences.batch(index, with_targets=False).items()}
+            batch["days_since_last_event"] = silence[index]
             width = _padded_width(int(batch["length"].max()), max_len)
             for name, array in batch.items():
                 if array.ndim >= 2 and array.shape[1] < width:

@@ -30,6 +30,7 @@ except ImportError:  # imported outside Triton's python backend (in-process runn
 
 LENGTH_INPUT = "length"
 EVENT_TYPE_INPUT = "event_type"
+NON_NEGATIVE_INPUTS = ("delta_t", "days_since_last_event")  # gaps and silences, in days
 VOCAB_OUTPUT = "next_event_probs"
 METADATA_FILENAME = "fintwin.json"
 # Exclusive upper bounds of the calendar id inputs (CONTRACT.md); event_type's is the vocab size.
@@ -232,12 +233,19 @@ def _check_tensor(
 
 
 def _check_values(array: np.ndarray, spec: TensorSpec, vocab_size: int | None) -> None:
-    """Finite floats; id inputs inside their vocabulary / calendar range (cheap when valid)."""
+    """Finite floats, non-negative where negative values mean nothing; id inputs inside
+    their vocabulary / calendar range (cheap when valid)."""
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         first = tuple(np.argwhere(~np.isfinite(array))[0])
         raise InputError(
             f"input {spec.name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
             "expected finite values (no NaN/inf)"
+        )
+    if spec.name in NON_NEGATIVE_INPUTS and (array < 0).any():
+        first = tuple(np.argwhere(array < 0)[0])
+        raise InputError(
+            f"input {spec.name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
+            "expected values >= 0"
         )
     upper = vocab_size if spec.name == EVENT_TYPE_INPUT else ID_UPPER_BOUNDS.get(spec.name)
     if upper is not None and (array.min() < 0 or array.max() >= upper):

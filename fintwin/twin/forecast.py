@@ -31,7 +31,6 @@ from fintwin.models.module import TwinModule
 from fintwin.twin.evaluation import as_day, week_ends
 from fintwin.twin.rollout import (
     RolloutResult,
-    elapsed_days,
     eval_mode,
     model_device,
     p_dormant_after_silence,
@@ -90,7 +89,7 @@ def heads_forecast(
     """Holdout forecast from the churn and horizon heads (see the module docstring)."""
     start, end = window_bounds(sequences, holdout_end)
     ratio = ((end - start) / pd.Timedelta(days=1)) / horizon_days
-    heads = heads_at_last_event(model, sequences, elapsed_days(sequences, start))
+    heads = heads_at_last_event(model, sequences, sequences.days_since_last_event(start))
     churn = np.clip(heads["churn_prob"].astype(float), 0.0, 1.0)
     p_alive = np.clip(heads["p_alive"].astype(float), 0.0, 1.0)
     return pd.DataFrame(

@@ -593,12 +593,6 @@ def window_bounds(
     return start, end
 
 
-def elapsed_days(sequences: SequenceSet, start: pd.Timestamp) -> np.ndarray:
-    """Days from each customer's last event to ``start`` (float64)."""
-    last = sequences.last_event_time.astype("datetime64[ns]").astype(np.int64)
-    return (start.value - last) / NS_PER_DAY
-
-
 @torch.inference_mode()
 def iter_chunks(
     model: TwinModule,
@@ -615,7 +609,7 @@ def iter_chunks(
     device = model_device(model)
     n_days = (end - start).days
     calendar = Calendar(start, n_days, device, config.dates_only)
-    elapsed = torch.as_tensor(elapsed_days(sequences, start), device=device)
+    elapsed = torch.as_tensor(sequences.days_since_last_event(start), device=device)
     forced = forced or ForcedEvents.none(len(sequences), model.hparams.n_numeric)
     size = config.chunk_customers or chunk_customers(
         model, config.samples, int(sequences.lengths.max(initial=1)), config.memory_mb

@@ -223,6 +223,7 @@ def _export_parity(module: TwinModule, make_batch, n_numeric: int) -> None:
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     for lengths, max_len in (([5, 3, 1, 9], 11), ([1], 1), ([2, 2], 2)):
         batch = make_batch(lengths, max_len=max_len, n_numeric=n_numeric, seed=7)
+        batch["days_since_last_event"] = torch.linspace(0.0, 400.0, len(lengths))
         feeds = {name: batch[name].numpy() for name in wrapper.input_names}
         with torch.no_grad():
             expected = wrapper(*(batch[name] for name in wrapper.input_names))
