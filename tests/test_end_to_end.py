@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fintwin.cli import main
-from fintwin.models.checkpoint import load_twin
 from fintwin.errors import FintwinInputError
+from fintwin.models.checkpoint import load_twin
 from fintwin.models.module import OUTPUT_NAMES, ExportableTwin
 from fintwin.serving.client import TwinClient
 from fintwin.serving.server import EmbeddedTriton
