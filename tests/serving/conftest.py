@@ -18,7 +18,7 @@ from torch import nn
 
 from fintwin.data.features import SEQUENCE_INPUTS
 from fintwin.export.triton_repo import write_model_version
-from fintwin.models.module import OUTPUT_NAMES
+from fintwin.models.module import OUTPUT_NAMES, ROW_INPUTS
 from fintwin.serving.client import InProcessRunner, TritonTransport
 from fintwin.serving.server import EmbeddedTriton
 
@@ -42,7 +42,17 @@ class StandInTwin(nn.Module):
         self.mix = nn.Linear(8 + 3 * 3 + 2, 16)
         self.heads = nn.Linear(16, VOCAB_SIZE + 8)
 
-    def forward(self, event_type, amount, delta_t, day_of_week, day_of_month, hour, length):
+    def forward(
+        self,
+        event_type,
+        amount,
+        delta_t,
+        day_of_week,
+        day_of_month,
+        hour,
+        length,
+        days_since_last_event,
+    ):
         features = torch.cat(
             [
                 self.event(event_type),
@@ -68,8 +78,8 @@ class StandInTwin(nn.Module):
             torch.sigmoid(rest[:, 4]),
             positive[:, 5],
             torch.sigmoid(rest[:, 6]),
-            positive[:, 7],
-            positive[:, 7] * positive[:, 5],
+            positive[:, 7] * torch.exp(-days_since_last_event / 90.0),  # fewer after a silence
+            positive[:, 7] * positive[:, 5] * torch.exp(-days_since_last_event / 90.0),
         )
 
 
@@ -86,10 +96,11 @@ def export_standin(path: Path) -> Path:
         torch.randint(0, 32, (batch, seq)),
         torch.randint(0, 24, (batch, seq)),
         torch.tensor([5, 2, 1]),
+        torch.tensor([0.0, 3.5, 120.0]),
     )
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("seq")
     dynamic_shapes = {name: {0: batch_dim, 1: seq_dim} for name in SEQ_INPUTS}
-    dynamic_shapes["length"] = {0: batch_dim}
+    dynamic_shapes |= {name: {0: batch_dim} for name in ROW_INPUTS}
     torch.onnx.export(
         model,
         example,
@@ -97,7 +108,7 @@ def export_standin(path: Path) -> Path:
         dynamo=True,
         dynamic_shapes=dynamic_shapes,
         external_data=False,
-        input_names=[*SEQ_INPUTS, "length"],
+        input_names=[*SEQ_INPUTS, *ROW_INPUTS],
         output_names=list(OUTPUT_NAMES),
         verbose=False,
     )
@@ -121,7 +132,8 @@ def random_inputs(
         "hour": rng.integers(0, 24, (batch, seq)),
     }
     inputs = {name: np.where(real, value, 0).astype(value.dtype) for name, value in inputs.items()}
-    return {**inputs, "length": length}
+    silence = rng.exponential(30.0, batch).astype(np.float32)
+    return {**inputs, "length": length, "days_since_last_event": silence}
 
 
 def assert_outputs_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:

@@ -45,6 +45,12 @@ BAD_REQUESTS = [
     ("zero length", _set("length", lambda x: np.array([0, 2, 4])), ["length", "[1, T=5]"]),
     ("NaN amount", _poison("amount", 1, 1, np.nan), ["amount", "NaN", "row 1"]),
     ("inf delta_t", _poison("delta_t", 2, 0, np.inf), ["delta_t", "inf", "row 2"]),
+    ("negative delta_t", _poison("delta_t", 0, 2, -1.5), ["delta_t", "-1.5", "row 0", ">= 0"]),
+    (
+        "negative silence",
+        _set("days_since_last_event", lambda x: np.array([1.0, -3.0, 2.0], np.float32)),
+        ["days_since_last_event", "-3.0", "row 1", ">= 0"],
+    ),
     ("event id >= V", _poison("event_type", 0, 3, 12), ["event_type", "id 12", "[0, 12)"]),
     ("negative event id", _poison("event_type", 2, 1, -1), ["event_type", "id -1", "[0, 12)"]),
     ("hour out of range", _poison("hour", 0, 0, 24), ["hour", "id 24", "[0, 24)"]),
