@@ -59,6 +59,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
+from fintwin.data.features import SEQUENCE_INPUTS
 from fintwin.models.encoders import build_encoder, gather_last, sequence_mask
 from fintwin.models.heads import (
     AmountDistribution,
@@ -75,17 +76,8 @@ from fintwin.models.heads import (
 
 LOSS_TERMS = ("type", "time", "amount", "churn", "horizon")
 QUANTILE_LEVELS = (0.1, 0.5, 0.9)
-INPUT_NAMES = (
-    "event_type",
-    "amount",
-    "delta_t",
-    "day_of_week",
-    "day_of_month",
-    "hour",
-    "length",
-    "days_since_last_event",
-)
 ROW_INPUTS = ("length", "days_since_last_event")  # one value per customer: [B]
+INPUT_NAMES = (*SEQUENCE_INPUTS, *ROW_INPUTS)
 OUTPUT_NAMES = (
     "next_event_probs",
     "next_time_mean",

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fintwin.data.features import SEQUENCE_INPUTS
 from fintwin.models.encoders import (
     RECENCY_CAP_DAYS,
     HistorySummary,
@@ -18,15 +19,7 @@ from fintwin.models.encoders import (
 )
 
 N_NUMERIC = 2
-SEQUENCE_KEYS = (
-    "event_type",
-    "amount",
-    "delta_t",
-    "day_of_week",
-    "day_of_month",
-    "hour",
-    "numeric",
-)
+SEQUENCE_KEYS = (*SEQUENCE_INPUTS, "numeric")
 
 
 @pytest.fixture
