@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from fintwin.twin.evaluation import align_predictions, decile_table, split_days
 
 PLOT_FILES = ("tracking.png", "calibration.png", "spend_deciles.png")
+TRACKING_FILE = "tracking.csv"  # the weekly cumulative curves behind tracking.png
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -183,7 +184,8 @@ def write_report(
     cutoff: str | pd.Timestamp,
     holdout_end: str | pd.Timestamp,
 ) -> Path:
-    """Write metrics.json, the PNG plots and report.html to `out_dir`; return report.html's path.
+    """Write metrics.json, the PNG plots, `TRACKING_FILE` and report.html to `out_dir`; return
+    report.html's path.
 
     `metrics`: {model: forecast_metrics(...)}; `tracking`: `weekly_tracking` output;
     `predictions`: {model: DataFrame with `pred_txn`, `pred_spend`} indexed like `actual`
@@ -202,6 +204,7 @@ def write_report(
     )
     images = {name: _png(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
     write_atomic(out / "metrics.json", metrics_json(metrics).encode())
+    write_atomic(out / TRACKING_FILE, tracking.to_csv(index_label="week_end").encode())
     for name, png in images.items():
         write_atomic(out / name, png)
     page = report_html(metrics, images, cut, end, len(actual))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fintwin.twin.evaluation import METRIC_KEYS, forecast_metrics, week_ends
-from fintwin.twin.report import PLOT_FILES, write_report
+from fintwin.twin.report import PLOT_FILES, TRACKING_FILE, write_report
 
 CUTOFF, HOLDOUT_END = "2024-03-31", "2024-06-30"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -48,8 +48,10 @@ def test_report_directory(tmp_path: Path, inputs: dict) -> None:
     page_path = write_report(out, **inputs, cutoff=CUTOFF, holdout_end=HOLDOUT_END)
     assert page_path == out / "report.html"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["metrics.json", "report.html", *PLOT_FILES]
+        ["metrics.json", "report.html", TRACKING_FILE, *PLOT_FILES]
     )
+    tracking = pd.read_csv(out / TRACKING_FILE, index_col="week_end", parse_dates=True)
+    pd.testing.assert_frame_equal(tracking, inputs["tracking"], check_names=False, check_freq=False)
 
     written = json.loads((out / "metrics.json").read_text())
     assert list(written) == ["twin", "twin_heads", "bgnbd"]
