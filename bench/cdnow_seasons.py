@@ -51,7 +51,9 @@ def quarter_increments(tracking: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataF
 
 def quarter_table(increments: pd.DataFrame) -> Table:
     models = [c for c in increments.columns if c not in ("weeks", "actual")]
-    table = Table(title="holdout repeat transactions by calendar quarter (forecast from the cut-off)")
+    table = Table(
+        title="holdout repeat transactions by calendar quarter (forecast from the cut-off)"
+    )
     for column in ("quarter", "weeks", "actual", *models, *(f"{m} error" for m in models)):
         table.add_column(column, justify="right")
     for quarter, row in increments.iterrows():
