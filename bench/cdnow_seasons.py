@@ -37,10 +37,11 @@ def read_tracking(report_dirs: list[Path]) -> pd.DataFrame:
 def quarter_increments(tracking: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
     """Transactions per holdout quarter (rows) for the actual and each model (columns).
 
-    Each column's cumulative value at the cut-off week is the start; the models' curves hold
-    the actual count there, so an increment is a forecast from the cut-off.
+    The models' curves continue the actual cumulative count from the cut-off week (where
+    ``tracking.csv`` leaves them empty), so each increment is a forecast from the cut-off.
     """
-    holdout = tracking.loc[tracking.index >= cutoff]
+    holdout = tracking.loc[tracking.index >= cutoff].copy()
+    holdout.iloc[0] = holdout.iloc[0].fillna(holdout["actual"].iloc[0])
     weekly = holdout.diff().iloc[1:]
     quarters = weekly.index.to_period("Q")
     table = weekly.groupby(quarters).sum()

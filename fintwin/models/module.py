@@ -191,23 +191,23 @@ def silent_window_targets(
     """
     width = batch["delta_t"].shape[1]
     valid = sequence_mask(batch["length"], width)
-    delta = torch.where(valid, batch["delta_t"].double(), 0.0)
+    delta = torch.where(valid, batch["delta_t"].float(), 0.0)
     delta[:, 0] = 0.0  # the first kept event's gap reaches back before the kept history
     times = delta.cumsum(dim=1)
     last = (batch["length"] - 1).clamp(min=0)[:, None]
-    end = times.gather(1, last) + batch["next_gap"].double().gather(1, last)
+    end = times.gather(1, last) + batch["next_gap"].float().gather(1, last)
     mask = batch["horizon_mask"] & valid
-    room = torch.minimum(batch["next_gap"].double(), end - times - horizon_days).clamp(min=0.0)
+    room = torch.minimum(batch["next_gap"].float(), end - times - horizon_days).clamp(min=0.0)
     elapsed = torch.where(mask, torch.as_tensor(fraction, dtype=room.dtype) * room, 0.0)
     later = torch.arange(width, device=valid.device)
     after_i = (later[None, None, :] > later[None, :, None]) & valid[:, None, :]
     offset = times[:, None, :] - times[:, :, None]  # [B, i, j]: t_j - t_i
     inside = after_i & (offset <= (elapsed + horizon_days)[:, :, None])
-    amounts = torch.where(valid, batch["amount"].double(), 0.0)
+    amounts = torch.where(valid, batch["amount"].float(), 0.0)
     return {
-        "elapsed": elapsed.float(),
-        "count": torch.where(mask, inside.sum(dim=-1).double(), 0.0).float(),
-        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0).float(),
+        "elapsed": elapsed,
+        "count": torch.where(mask, inside.sum(dim=-1).float(), 0.0),
+        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0),
         "mask": mask,
     }
 
