@@ -35,34 +35,40 @@ def read_tracking(report_dirs: list[Path]) -> pd.DataFrame:
 
 
 def quarter_increments(tracking: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
-    """Transactions per holdout quarter (rows) for the actual and each model (columns).
+    """Repeat transactions per calendar quarter (rows) for the actual and each model (columns).
 
-    The models' curves continue the actual cumulative count from the cut-off week (where
-    ``tracking.csv`` leaves them empty), so each increment is a forecast from the cut-off.
+    Quarters are those the week ends fall in; calibration quarters hold the actual only. The
+    models' curves continue the actual cumulative count from the cut-off week (where
+    ``tracking.csv`` leaves them empty), so each holdout increment is a forecast from the
+    cut-off. A last row sums the holdout.
     """
-    holdout = tracking.loc[tracking.index >= cutoff].copy()
-    holdout.iloc[0] = holdout.iloc[0].fillna(holdout["actual"].iloc[0])
-    weekly = holdout.diff().iloc[1:]
+    if cutoff not in tracking.index:
+        raise SystemExit(f"the cut-off {cutoff.date()} is not a week end of {TRACKING_FILE}")
+    curves = tracking.copy()
+    row = curves.index.get_loc(cutoff)
+    curves.iloc[row] = curves.iloc[row].fillna(curves["actual"].iloc[row])
+    weekly = curves.diff()
+    weekly.iloc[0] = curves.iloc[0]
     quarters = weekly.index.to_period("Q")
-    table = weekly.groupby(quarters).sum()
+    table = weekly.groupby(quarters).sum(min_count=1)
     table.insert(0, "weeks", weekly.groupby(quarters).size())
-    table.loc["holdout"] = table.sum()
+    table.index = table.index.astype(str)
+    holdout = weekly.loc[weekly.index > cutoff]
+    table.loc["holdout"] = [len(holdout), *holdout.sum()]
     return table
 
 
 def quarter_table(increments: pd.DataFrame) -> Table:
     models = [c for c in increments.columns if c not in ("weeks", "actual")]
-    table = Table(
-        title="holdout repeat transactions by calendar quarter (forecast from the cut-off)"
-    )
+    title = "repeat transactions by calendar quarter (models: forecast from the cut-off)"
+    table = Table(title=title)
     for column in ("quarter", "weeks", "actual", *models, *(f"{m} error" for m in models)):
         table.add_column(column, justify="right")
     for quarter, row in increments.iterrows():
-        errors = [f"{100 * (row[m] / row['actual'] - 1):+.1f}%" for m in models]
-        table.add_row(
-            str(quarter), f"{row['weeks']:.0f}", f"{row['actual']:,.0f}",
-            *(f"{row[m]:,.0f}" for m in models), *errors,
-        )  # fmt: skip
+        forecasts = [row[m] for m in models]
+        cells = ["" if pd.isna(v) else f"{v:,.0f}" for v in forecasts]
+        errors = ["" if pd.isna(v) else f"{100 * (v / row['actual'] - 1):+.1f}%" for v in forecasts]
+        table.add_row(quarter, f"{row['weeks']:.0f}", f"{row['actual']:,.0f}", *cells, *errors)
     return table
 
 
