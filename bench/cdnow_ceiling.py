@@ -1,9 +1,9 @@
 """How far below BG/NBD can a blend of the forecasts go if it may peek at the holdout?
 
 Reads a ``fintwin report`` directory's ``forecasts.parquet`` and fits, by least squares on
-the holdout transactions themselves, ``a + b * bgnbd + c * twin`` (and each model alone,
-``a + b * model``), cross-fitted over ``--folds`` random folds of customers: every customer's
-blend is fitted on the other folds' holdout counts. No forecaster may do this (it uses the
+the holdout transactions themselves, ``a + b * bgnbd + c * twin`` (with or without ``d *
+twin_heads``) and each model alone (``a + b * model``), cross-fitted over ``--folds`` random
+folds of customers: every customer's blend is fitted on the other folds' holdout counts. No forecaster may do this (it uses the
 holdout), so the RMSE it reaches bounds from below what re-weighting or blending these
 forecasts could ever give on this split.
 
@@ -22,7 +22,13 @@ from rich.table import Table
 
 from fintwin.twin.pipeline import FORECASTS_FILE
 
-BLENDS = {"BG/NBD": ["bgnbd"], "twin": ["twin"], "BG/NBD + twin": ["bgnbd", "twin"]}
+BLENDS = {
+    "BG/NBD": ["bgnbd"],
+    "twin": ["twin"],
+    "twin_heads": ["twin_heads"],
+    "BG/NBD + twin": ["bgnbd", "twin"],
+    "all three": ["bgnbd", "twin", "twin_heads"],
+}
 
 
 def cross_fitted(features: np.ndarray, target: np.ndarray, fold: np.ndarray) -> np.ndarray:
