@@ -122,6 +122,10 @@ class GapDistribution:
         survived = F.logsigmoid(-self.dormant_logit) + self.log_survival_given_return(elapsed)
         return torch.logaddexp(F.logsigmoid(self.dormant_logit), survived)
 
+    def dormant_after_silence(self, elapsed: Tensor) -> Tensor:
+        """``P(dormant | no event for elapsed days) = p_d / (p_d + (1 - p_d) S(elapsed))``."""
+        return torch.exp(F.logsigmoid(self.dormant_logit) - self.log_survival(elapsed))
+
     def cdf_given_return(self, gap: Tensor) -> Tensor:
         """``F(gap) = P(gap' <= gap | return)``."""
         return (self.log_weights.exp() * normal_cdf(self._standardised(gap))).sum(dim=-1)

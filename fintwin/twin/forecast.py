@@ -33,7 +33,6 @@ from fintwin.twin.rollout import (
     RolloutResult,
     eval_mode,
     model_device,
-    p_dormant_after_silence,
     window_bounds,
 )
 
@@ -74,7 +73,7 @@ def heads_at_last_event(
                 "horizon_count": heads.horizon.count,
                 "horizon_spend": heads.horizon.spend,
                 "churn_prob": torch.sigmoid(heads.churn_logit),
-                "p_alive": 1.0 - p_dormant_after_silence(heads.gap, silence),
+                "p_alive": 1.0 - heads.gap.dormant_after_silence(silence),
             }
             parts.append({k: v.float().cpu().numpy() for k, v in outputs.items()})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

@@ -299,12 +299,6 @@ def sample_amount(
     return torch.where(noise[:, ZERO] < p_zero, torch.zeros_like(value), value)
 
 
-def p_dormant_after_silence(gap: GapDistribution, elapsed: Tensor) -> Tensor:
-    """``P(dormant | no event for elapsed days) = p_d / (p_d + (1 - p_d) S(elapsed))``."""
-    log_dormant = torch.nn.functional.logsigmoid(gap.dormant_logit)
-    return torch.exp(log_dormant - gap.log_survival(elapsed))
-
-
 # --------------------------------------------------------------------------- features
 class Calendar:
     """Calendar inputs of times given in days after an origin instant (like the featuriser)."""
@@ -638,7 +632,7 @@ def _outcome(
 ) -> ChunkOutcome:
     shape = (len(index), simulator.config.samples)
     gap = model.time_head(simulator.prefix["hidden"])
-    p_alive = 1.0 - p_dormant_after_silence(gap, simulator.elapsed.float())
+    p_alive = 1.0 - gap.dormant_after_silence(simulator.elapsed.float())
     return ChunkOutcome(
         customers=index,
         count=simulator.count.view(shape).cpu(),
