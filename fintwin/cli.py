@@ -184,7 +184,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                       "to a horizon end (optionally with injected what-if events).",
                       "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
                       "--horizon-end 1998-06-30 --samples 100 --out futures.parquet", _simulate)
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
+    parser.add_argument("--ckpt", type=Path, nargs="+", required=True,
+                        help="checkpoint(s) written by train.py; several (e.g. seeds) pool "
+                        "their paths as an ensemble twin")
     _add_twin_arguments(parser, "--horizon-end", "last simulated day (inclusive)")
     parser.add_argument("--out", type=Path, required=True, help="per-customer summary (.parquet)")
     parser.add_argument("--what-if", type=Path, help="CSV/Parquet of injected events "

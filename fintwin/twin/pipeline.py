@@ -128,12 +128,29 @@ def read_events(twin: TrainedTwin, data_source: str) -> pd.DataFrame:
     return events
 
 
-def load_inputs(
-    ckpt: str | Path, data_source: str, device: str | None = None
-) -> tuple[TrainedTwin, pd.DataFrame, HistorySpec]:
-    """The twin (on ``device``, default GPU when present), the events and the featurisation."""
-    twin, spec = load_model(ckpt, device)
-    return twin, read_events(twin, data_source), spec
+def load_members(
+    ckpt: str | Path | Sequence[str | Path], device: str | None = None
+) -> list[tuple[Path, TrainedTwin, HistorySpec]]:
+    """One checkpoint, or an ensemble's several (``load_model`` each), reading events alike."""
+    paths = [Path(ckpt)] if isinstance(ckpt, (str, Path)) else [Path(c) for c in ckpt]
+    if not paths:
+        raise FintwinInputError("--ckpt: expected at least one checkpoint")
+    members = [(path, *load_model(path, device)) for path in paths]
+    check_same_events([(path, twin) for path, twin, _ in members])
+    return members
+
+
+def check_same_featurisation(members: list[tuple[Path, TrainedTwin, HistorySpec]]) -> None:
+    """Twins that simulate together share one featurisation of the histories."""
+    first_path, _, first = members[0]
+    for path, _, spec in members[1:]:
+        for field in ("vocab", "max_len", "numeric_features"):
+            if getattr(spec, field) != getattr(first, field):
+                raise FintwinInputError(
+                    f"{path}: its {field} differs from {first_path}'s; the twins of a "
+                    "simulated ensemble must featurise histories the same way (e.g. seeds of "
+                    "one config on the same data)"
+                )
 
 
 def has_dates_only(events: pd.DataFrame) -> bool:
@@ -157,7 +174,7 @@ def rollout_config(
 
 
 def simulate(
-    ckpt: str | Path,
+    ckpt: str | Path | Sequence[str | Path],
     data_source: str,
     cutoff: str,
     horizon_end: str,
@@ -175,25 +192,34 @@ def simulate(
     Without ``what_if``: one row per customer (``RolloutResult.summary`` columns). With a
     what-if file: the per-customer comparison (``WhatIfResult.per_customer``), and the totals
     in ``<out stem>.overall.json`` and in the returned frame's ``attrs["overall"]``.
-    ``paths_out``: also write the sampled events (of the what-if scenario, if any).
+    ``paths_out``: also write the sampled events (of the what-if scenario, if any). Several
+    checkpoints (e.g. seeds of one config) simulate as an ensemble: each twin ``samples``
+    paths per customer (rollout seed ``seed + i``), pooled (``sample`` numbers continue from
+    one twin to the next), so the summaries and quantiles are those of their mixture.
     """
     cut, last = parse_window(cutoff, horizon_end, "horizon_end")
-    twin, events, spec = load_inputs(ckpt, data_source, device)
+    members = load_members(ckpt, device)
+    check_same_featurisation(members)
+    _, first, spec = members[0]
+    events = read_events(first, data_source)
     check_inside_data(events, data_source, cut)
-    if twin.observation_end > observation_end(cut):
-        log.warning(
-            "the checkpoint was trained on data up to %s, after the cut-off %s",
-            twin.observation_end,
-            cut.date(),
-        )
+    for path, twin, _ in members:
+        if twin.observation_end > observation_end(cut):
+            log.warning(
+                "%s was trained on data up to %s, after the cut-off %s",
+                path,
+                twin.observation_end,
+                cut.date(),
+            )
+    models = [twin.model for _, twin, _ in members]
     config = rollout_config(events, samples, seed, max_steps, keep_paths=paths_out is not None)
     if what_if is None:
-        result = rollout(twin.model, spec.sequences(events, cut), spec.vocab, last, config)
+        result = rollout(models, spec.sequences(events, cut), spec.vocab, last, config)
         table, paths = result.summary, result.paths
     else:
         injections = whatif.read_what_if(what_if, spec)
         comparison = whatif.what_if(
-            twin.model, events, spec, cut, last, injections, config, source=str(what_if)
+            models, events, spec, cut, last, injections, config, source=str(what_if)
         )
         table, paths = comparison.per_customer, comparison.paths
         overall_path = Path(out).with_suffix(".overall.json")
@@ -302,13 +328,9 @@ def report(
     the members' averages, the forecasts of their equal-weight mixture.
     """
     cut, last = parse_window(cutoff, holdout_end, "holdout_end")
-    paths = [Path(ckpt)] if isinstance(ckpt, (str, Path)) else [Path(c) for c in ckpt]
-    if not paths:
-        raise FintwinInputError("--ckpt: expected at least one checkpoint")
-    members = [(path, *load_model(path, device)) for path in paths]
+    members = load_members(ckpt, device)
     for path, twin, _ in members:
         refuse_leaky_checkpoint(twin, path, cut)
-    check_same_events([(path, twin) for path, twin, _ in members])
     events = read_events(members[0][1], data_source)
     check_inside_data(events, data_source, cut, last)
     baseline = fit_baseline(events, cut)

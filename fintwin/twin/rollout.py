@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -564,14 +564,24 @@ class ChunkSimulator:
 
 
 @contextmanager
-def eval_mode(model: TwinModule) -> Iterator[None]:
-    """Run with dropout off, restoring the model's mode afterwards."""
-    was_training = model.training
-    model.eval()
+def eval_mode(*models: TwinModule) -> Iterator[None]:
+    """Run with dropout off, restoring each model's mode afterwards."""
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for model, mode in zip(models, was_training, strict=True):
+            model.train(mode)
+
+
+def as_members(model: TwinModule | Sequence[TwinModule]) -> list[TwinModule]:
+    """One twin or the members of an ensemble, as a non-empty list."""
+    members = [model] if isinstance(model, TwinModule) else list(model)
+    if not members:
+        raise FintwinInputError("an ensemble needs at least one twin")
+    return members
 
 
 def window_bounds(
@@ -625,6 +635,71 @@ def iter_chunks(
         )
         steps = simulator.run()
         yield _outcome(simulator, model, index, steps)
+
+
+def iter_pooled_chunks(
+    models: Sequence[TwinModule],
+    sequences: SequenceSet,
+    horizon_end: str | pd.Timestamp,
+    config: RolloutConfig,
+    forced: ForcedEvents | None = None,
+) -> Iterator[ChunkOutcome]:
+    """``iter_chunks`` of every member of an ensemble over the same chunks, member ``i`` with
+    rollout seed ``config.seed + i``, their paths pooled (``pool_outcomes``): per customer,
+    ``samples`` paths of each twin, the outcomes of the twins' equal-weight mixture. With one
+    model this is ``iter_chunks``."""
+    history_len = int(sequences.lengths.max(initial=1))
+    size = config.chunk_customers or min(
+        chunk_customers(model, config.samples, history_len, config.memory_mb) for model in models
+    )
+    streams = [
+        iter_chunks(
+            model,
+            sequences,
+            horizon_end,
+            replace(
+                config,
+                seed=config.seed + i,
+                chunk_customers=size,
+                progress=config.progress and i == 0,
+            ),
+            forced,
+        )
+        for i, model in enumerate(models)
+    ]
+    for outcomes in zip(*streams, strict=True):
+        yield pool_outcomes(outcomes)
+
+
+def pool_outcomes(outcomes: Sequence[ChunkOutcome]) -> ChunkOutcome:
+    """The members' outcomes of one chunk as one: paths side by side (member ``i``'s samples
+    numbered from ``i * samples``), ``p_alive`` and ``daily`` averaged."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    first = outcomes[0]
+    samples = first.count.shape[1]
+
+    def side_by_side(name: str) -> Tensor:
+        return torch.cat([getattr(outcome, name) for outcome in outcomes], dim=1)
+
+    paths = None
+    if first.paths is not None:
+        paths = {key: np.concatenate([o.paths[key] for o in outcomes]) for key in first.paths}
+        paths["sample"] = np.concatenate(
+            [o.paths["sample"] + i * samples for i, o in enumerate(outcomes)]
+        )
+    return ChunkOutcome(
+        customers=first.customers,
+        count=side_by_side("count"),
+        spend=side_by_side("spend"),
+        transactions=side_by_side("transactions"),
+        capped=side_by_side("capped"),
+        p_alive=torch.stack([outcome.p_alive for outcome in outcomes]).mean(dim=0),
+        daily=torch.stack([outcome.daily for outcome in outcomes]).mean(dim=0),
+        steps=max(outcome.steps for outcome in outcomes),
+        encoder_steps=sum(outcome.encoder_steps for outcome in outcomes),
+        paths=paths,
+    )
 
 
 def _outcome(
@@ -704,7 +779,7 @@ def paths_frame(
 
 
 def rollout(
-    model: TwinModule,
+    model: TwinModule | Sequence[TwinModule],
     sequences: SequenceSet,
     vocab: Vocab,
     horizon_end: str | pd.Timestamp,
@@ -715,14 +790,17 @@ def rollout(
 
     ``sequences`` holds the calibration histories (``build_sequences`` up to the cut-off);
     ``vocab`` names the sampled types in the kept paths; ``forced`` injects events into the
-    paths (see ``fintwin.twin.whatif``). Runs on the model's device.
+    paths (see ``fintwin.twin.whatif``). Runs on the model's device. Several models (an
+    ensemble, e.g. seeds of one config, featurising alike) pool their paths: each simulates
+    ``config.samples`` per customer (``iter_pooled_chunks``), and the summary is over all.
     """
+    models = as_members(model)
     config = config or RolloutConfig()
     start, end = window_bounds(sequences, horizon_end)
     summaries, paths = [], []
     daily, n_capped, steps, encoder_steps = None, 0, 0, 0
-    with eval_mode(model):
-        for outcome in iter_chunks(model, sequences, horizon_end, config, forced):
+    with eval_mode(*models):
+        for outcome in iter_pooled_chunks(models, sequences, horizon_end, config, forced):
             summaries.append(summarise(outcome, sequences.customer_ids, config.quantiles))
             daily = outcome.daily if daily is None else daily + outcome.daily
             n_capped += int(outcome.capped.sum())
@@ -735,7 +813,7 @@ def rollout(
             "%d of %d paths reached max_steps=%d before the horizon end; their counts are "
             "truncated (raise max_steps)",
             n_capped,
-            len(sequences) * config.samples,
+            len(sequences) * config.samples * len(models),
             config.max_steps,
         )
     days = pd.date_range(start, periods=len(daily), freq="D", name="day")
@@ -744,7 +822,7 @@ def rollout(
         daily_transactions=pd.Series(daily.numpy(), index=days, name="expected_transactions"),
         start=start,
         end=end,
-        samples=config.samples,
+        samples=config.samples * len(models),
         n_capped=n_capped,
         max_steps_run=steps,
         encoder_steps=encoder_steps,

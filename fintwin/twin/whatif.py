@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,10 @@ from fintwin.twin.rollout import (
     ForcedEvents,
     HistorySpec,
     RolloutConfig,
+    as_members,
     chunk_customers,
     eval_mode,
-    iter_chunks,
+    iter_pooled_chunks,
     mean_and_se,
     paths_frame,
     window_bounds,
@@ -299,7 +301,7 @@ def overall_effect(per_customer: pd.DataFrame) -> dict[str, float]:
 
 
 def what_if(
-    model: TwinModule,
+    model: TwinModule | Sequence[TwinModule],
     events: pd.DataFrame,
     spec: HistorySpec,
     cutoff: str | pd.Timestamp,
@@ -311,8 +313,10 @@ def what_if(
     """Simulate the futures with and without ``injections`` (``check_what_if`` output).
 
     ``events`` is the validated event table (later events are ignored), ``cutoff`` the last
-    calibration day and ``horizon_end`` the last simulated day.
+    calibration day and ``horizon_end`` the last simulated day. Several models (an ensemble
+    featurising alike) pool their paths in both futures, as in ``rollout``.
     """
+    models = as_members(model)
     config = config or RolloutConfig()
     base = spec.sequences(events, cutoff)
     start, _ = window_bounds(base, horizon_end)
@@ -325,16 +329,17 @@ def what_if(
     )
     forced = forced_events(rows[rows["timestamp"] >= start], len(base), start, spec)
     history_len = int(max(base.lengths.max(), scenario.lengths.max()))
-    size = config.chunk_customers or chunk_customers(
-        model, config.samples, history_len, config.memory_mb
+    size = config.chunk_customers or min(
+        chunk_customers(member, config.samples, history_len, config.memory_mb)
+        for member in models
     )
     config = dataclasses.replace(config, chunk_customers=size)
     base_config = dataclasses.replace(config, keep_paths=False, progress=False)
     tables, paths = [], []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(*models), torch.inference_mode():
         chunks = zip(
-            iter_chunks(model, base, horizon_end, base_config),
-            iter_chunks(model, scenario, horizon_end, config, forced),
+            iter_pooled_chunks(models, base, horizon_end, base_config),
+            iter_pooled_chunks(models, scenario, horizon_end, config, forced),
             strict=True,
         )
         for before, after in chunks:

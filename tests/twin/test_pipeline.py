@@ -26,11 +26,16 @@ MODELS = ("twin", "twin_heads", "bgnbd")
 
 
 def save_checkpoint(
-    path: Path, source: Path, cutoff: str, encoder: str = "lstm", same_day_merge: bool = False
+    path: Path,
+    source: Path,
+    cutoff: str,
+    encoder: str = "lstm",
+    same_day_merge: bool = False,
+    max_len: int = 32,
 ) -> Path:
     """A checkpoint in train.py's format (weights, hyper-parameters, data settings)."""
     data = EventDataModule(
-        source=str(source), cutoff=cutoff, horizon_days=30.0, max_len=32,
+        source=str(source), cutoff=cutoff, horizon_days=30.0, max_len=max_len,
         same_day_merge=same_day_merge,
     )  # fmt: skip
     data.setup()
@@ -185,6 +190,38 @@ def test_simulate_what_if(workspace: dict[str, Path], tmp_path: Path) -> None:
     assert overall == table.attrs["overall"]
     assert overall["diff_expected_count"] == pytest.approx(written["diff_expected_count"].sum())
     assert overall["customers_with_injections"] == len(written)
+
+
+def test_simulate_pools_an_ensemble(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """Twin i simulates with seed + i; the ensemble's summaries (and what-if effects) are the
+    twins' averages, and the CLI takes several checkpoints."""
+    source, members = str(workspace["source"]), [workspace["ckpt"], workspace["lstm"]]
+    what_if = tmp_path / "what_if.csv"
+    what_if.write_text("customer_id,timestamp,event_type,amount\n*,2024-05-16,salary,2500\n")
+    for scenario, column in ((None, "expected_count"), (what_if, "diff_expected_count")):
+        pooled = simulate(members, source, CUTOFF, HOLDOUT_END, 20, tmp_path / "both.parquet",
+                          scenario, seed=3)  # fmt: skip
+        alone = [
+            simulate(ckpt, source, CUTOFF, HOLDOUT_END, 20, tmp_path / f"m{i}.parquet",
+                     scenario, seed=3 + i)  # fmt: skip
+            for i, ckpt in enumerate(members)
+        ]
+        np.testing.assert_allclose(pooled[column], (alone[0][column] + alone[1][column]) / 2)
+    out = tmp_path / "cli.parquet"
+    argv = ["simulate", "--ckpt", *map(str, members), "--data", source, "--cutoff", CUTOFF,
+            "--horizon-end", HOLDOUT_END, "--samples", "5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert len(pd.read_parquet(out)) == len(pooled)
+
+
+def test_simulate_refuses_an_ensemble_that_featurises_differently(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    short = save_checkpoint(tmp_path / "short.ckpt", workspace["source"], CUTOFF, max_len=8)
+    with pytest.raises(FintwinInputError, match=r"short\.ckpt: its max_len differs from"):
+        simulate([workspace["lstm"], short], str(workspace["source"]), CUTOFF, HOLDOUT_END, 5,
+                 tmp_path / "out.parquet")  # fmt: skip
+    assert not (tmp_path / "out.parquet").exists()
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,39 @@ def test_same_seed_same_paths_other_seed_other_paths() -> None:
     assert not first.paths.equals(other.paths)
 
 
+def test_an_ensemble_pools_its_twins_paths() -> None:
+    """Twin i simulates with seed + i; the pooled summary is over all their paths: means are
+    the twins' average, quantiles those of the pooled paths, samples numbered on."""
+    twins = [
+        fix_heads(build_twin("lstm"), KnownHeads(gap_median=3.0, p_dormant=0.1)),
+        fix_heads(build_twin("transformer"), KnownHeads(gap_median=12.0, p_dormant=0.3)),
+    ]
+    sequences = SPEC.sequences(history_events([1.0, 5.0, 30.0]), CUTOFF)
+    config = RolloutConfig(samples=30, seed=5, keep_paths=True, quantiles=(0.5, 0.9))
+    pooled = rollout(twins, sequences, VOCAB, HORIZON_END, config)
+    alone = [
+        rollout(twin, sequences, VOCAB, HORIZON_END, replace(config, seed=5 + i))
+        for i, twin in enumerate(twins)
+    ]
+    assert pooled.samples == 60 and pooled.n_paths == 180
+    for column in ("expected_count", "expected_spend", "expected_transactions", "p_active", "p_alive"):
+        mean = (alone[0].summary[column] + alone[1].summary[column]) / 2
+        np.testing.assert_allclose(pooled.summary[column], mean, rtol=1e-9, err_msg=column)
+    counts = alone[1].paths.groupby(["customer_id", "sample"]).size()
+    assert pooled.paths["sample"].max() == 30 + counts.index.get_level_values("sample").max()
+    second = pooled.paths[pooled.paths["sample"] >= 30].assign(sample=lambda f: f["sample"] - 30)
+    pd.testing.assert_frame_equal(second.reset_index(drop=True), alone[1].paths)
+    per_path = pooled.paths.groupby(["customer_id", "sample"]).size()
+    for customer in sequences.customer_ids:
+        paths = per_path.get(customer, pd.Series(dtype=int)).reindex(range(60), fill_value=0)
+        assert pooled.summary.loc[customer, "count_q90"] == pytest.approx(paths.quantile(0.9))
+    np.testing.assert_allclose(
+        pooled.daily_transactions,
+        (alone[0].daily_transactions + alone[1].daily_transactions) / 2,
+        rtol=1e-9,
+    )
+
+
 def test_dates_only_sources_get_hour_zero() -> None:
     calendar = Calendar(START, 3, torch.device("cpu"), dates_only=True)
     features = calendar.features(torch.tensor([0.75, 1.5], dtype=torch.float64))
