@@ -383,16 +383,22 @@ def _dummy_batch(model: TwinModule, length: int) -> dict[str, Tensor]:
 
 
 @torch.inference_mode()
-def chunk_customers(model: TwinModule, samples: int, history_len: int, memory_mb: float) -> int:
-    """Customers per chunk so the carried state of all their paths fits in ``memory_mb``.
+def chunk_customers(
+    model: TwinModule | Sequence[TwinModule], samples: int, history_len: int, memory_mb: float
+) -> int:
+    """Customers per chunk so the carried state of all their paths fits in ``memory_mb`` (for
+    an ensemble, the smallest over its twins: they simulate the same chunks).
 
     The state of one path is measured on a dummy history of ``history_len`` events and
     doubled (the transformer cache grows by one slot per step and is copied when it does).
     """
-    state = model.encoder.prefix_state(_dummy_batch(model, max(1, history_len)))
-    path_bytes = 2 * sum(v.numel() * v.element_size() for v in state.values())
-    paths = int(min(MAX_CHUNK_PATHS, max(samples, memory_mb * 2**20 // path_bytes)))
-    return max(1, paths // samples)
+    sizes = []
+    for member in as_members(model):
+        state = member.encoder.prefix_state(_dummy_batch(member, max(1, history_len)))
+        path_bytes = 2 * sum(v.numel() * v.element_size() for v in state.values())
+        paths = int(min(MAX_CHUNK_PATHS, max(samples, memory_mb * 2**20 // path_bytes)))
+        sizes.append(max(1, paths // samples))
+    return min(sizes)
 
 
 class ChunkSimulator:
@@ -649,8 +655,8 @@ def iter_pooled_chunks(
     ``samples`` paths of each twin, the outcomes of the twins' equal-weight mixture. With one
     model this is ``iter_chunks``."""
     history_len = int(sequences.lengths.max(initial=1))
-    size = config.chunk_customers or min(
-        chunk_customers(model, config.samples, history_len, config.memory_mb) for model in models
+    size = config.chunk_customers or chunk_customers(
+        models, config.samples, history_len, config.memory_mb
     )
     streams = [
         iter_chunks(

@@ -329,9 +329,8 @@ def what_if(
     )
     forced = forced_events(rows[rows["timestamp"] >= start], len(base), start, spec)
     history_len = int(max(base.lengths.max(), scenario.lengths.max()))
-    size = config.chunk_customers or min(
-        chunk_customers(member, config.samples, history_len, config.memory_mb)
-        for member in models
+    size = config.chunk_customers or chunk_customers(
+        models, config.samples, history_len, config.memory_mb
     )
     config = dataclasses.replace(config, chunk_customers=size)
     base_config = dataclasses.replace(config, keep_paths=False, progress=False)
