@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from fintwin.data.features import SEQUENCE_INPUTS
-from fintwin.models.encoders import build_encoder, gather_last, sequence_mask
+from fintwin.models.encoders import build_encoder, elapsed_days, gather_last, sequence_mask
 from fintwin.models.heads import (
     AmountDistribution,
     AmountHead,
@@ -186,28 +186,28 @@ def silent_window_targets(
     end - t_i - horizon_days)``: the customer has had no event for ``elapsed`` days, and the
     window ``(t_i + elapsed, t_i + elapsed + horizon_days]`` is observed. ``count`` and
     ``spend`` are the events and amounts of the row in it. ``fraction`` in ``[0, 1)`` keeps
-    the silence before the next event; 0 gives the window right after the event. Times come
-    from the row's ``delta_t`` and the censored elapsed time of its last event.
+    the silence before the next event; 0 gives the window right after the event. Times are
+    the encoders' ``elapsed_days`` (only their differences matter) and the censored elapsed
+    time of the row's last event.
     """
     width = batch["delta_t"].shape[1]
     valid = sequence_mask(batch["length"], width)
-    delta = torch.where(valid, batch["delta_t"].float(), 0.0)
-    delta[:, 0] = 0.0  # the first kept event's gap reaches back before the kept history
-    times = delta.cumsum(dim=1)
+    times = elapsed_days(batch)
+    next_gap = batch["next_gap"].double()
     last = (batch["length"] - 1).clamp(min=0)[:, None]
-    end = times.gather(1, last) + batch["next_gap"].float().gather(1, last)
+    end = times.gather(1, last) + next_gap.gather(1, last)
     mask = batch["horizon_mask"] & valid
-    room = torch.minimum(batch["next_gap"].float(), end - times - horizon_days).clamp(min=0.0)
+    room = torch.minimum(next_gap, end - times - horizon_days).clamp(min=0.0)
     elapsed = torch.where(mask, torch.as_tensor(fraction, dtype=room.dtype) * room, 0.0)
     later = torch.arange(width, device=valid.device)
     after_i = (later[None, None, :] > later[None, :, None]) & valid[:, None, :]
     offset = times[:, None, :] - times[:, :, None]  # [B, i, j]: t_j - t_i
     inside = after_i & (offset <= (elapsed + horizon_days)[:, :, None])
-    amounts = torch.where(valid, batch["amount"].float(), 0.0)
+    amounts = torch.where(valid, batch["amount"].double(), 0.0)
     return {
-        "elapsed": elapsed,
+        "elapsed": elapsed.float(),
         "count": torch.where(mask, inside.sum(dim=-1).float(), 0.0),
-        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0),
+        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0).float(),
         "mask": mask,
     }
 

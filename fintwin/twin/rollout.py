@@ -450,19 +450,22 @@ class ChunkSimulator:
         """Next generated event of every working row (``time`` is ``inf`` when dormant).
 
         The first step reads the heads at each customer's last event (one row per customer).
+        Only the next-event heads run (type, gap, amount): churn and horizon are not sampled.
         """
+        hidden = self.prefix["hidden"] if step == 0 else self.state["hidden"]
+        gap_distribution = self.model.time_head(hidden)
         if step == 0:
-            heads, rows = self.model.head_outputs(self.prefix["hidden"]), self.customer
-            gap, p_dormant = sample_gap_beyond(heads.gap, self.elapsed, rows, noise)
+            rows = self.customer
+            gap, p_dormant = sample_gap_beyond(gap_distribution, self.elapsed, rows, noise)
         else:
-            heads = self.model.head_outputs(self.state["hidden"])
             rows = torch.arange(len(self.path), device=self.device)
-            gap, p_dormant = sample_gap(heads.gap, rows, noise), heads.gap.dormant_prob
-        cdf = categorical_cdf(heads.type_logits)[rows]
+            gap = sample_gap(gap_distribution, rows, noise)
+            p_dormant = gap_distribution.dormant_prob
+        cdf = categorical_cdf(self.model.type_head(hidden))[rows]
         event_type = draw_categorical(cdf, noise[:, TYPE])
         dormant = noise[:, DORMANT].double() < p_dormant
         time = torch.where(dormant, torch.full_like(gap, torch.inf), self.time + gap)
-        amount = sample_amount(heads.amount, rows, event_type, noise)
+        amount = sample_amount(self.model.amount_head(hidden), rows, event_type, noise)
         return {"time": time, "event_type": event_type, "amount": amount}
 
     def _merge_forced(self, generated: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
