@@ -192,8 +192,8 @@ def silent_window_targets(
     """
     width = batch["delta_t"].shape[1]
     valid = sequence_mask(batch["length"], width)
-    times = elapsed_days(batch)
-    next_gap = batch["next_gap"].double()
+    times = elapsed_days(batch).float()
+    next_gap = batch["next_gap"].float()
     last = (batch["length"] - 1).clamp(min=0)[:, None]
     end = times.gather(1, last) + next_gap.gather(1, last)
     mask = batch["horizon_mask"] & valid
@@ -203,11 +203,11 @@ def silent_window_targets(
     after_i = (later[None, None, :] > later[None, :, None]) & valid[:, None, :]
     offset = times[:, None, :] - times[:, :, None]  # [B, i, j]: t_j - t_i
     inside = after_i & (offset <= (elapsed + horizon_days)[:, :, None])
-    amounts = torch.where(valid, batch["amount"].double(), 0.0)
+    amounts = torch.where(valid, batch["amount"].float(), 0.0)
     return {
-        "elapsed": elapsed.float(),
+        "elapsed": elapsed,
         "count": torch.where(mask, inside.sum(dim=-1).float(), 0.0),
-        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0).float(),
+        "spend": torch.where(mask, (inside * amounts[:, None, :]).sum(dim=-1), 0.0),
         "mask": mask,
     }
 
