@@ -1,19 +1,32 @@
 # Fresh-machine entry points: `make demo` (train, export, serve, query) and `make test`.
+# Installs come from requirements.lock (every resolved version, with hashes); `make lock`
+# refreshes it, `make test-latest` tries the newest versions pyproject.toml allows.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+LOCK := requirements.lock
+PIP_COMPILE_FLAGS := --generate-hashes --extra dev --strip-extras --unsafe-package torch \
+	-c constraints.txt --no-emit-index-url --no-emit-find-links
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast test-latest lock bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# torch first (CPU build, pinned; the lock leaves it out so a GPU image can bring its own
+# CUDA build), then exactly the locked versions, then fintwin itself without resolving anything.
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet "pip==$$(sed -n 's/^pip==\([^ ]*\).*/\1/p' $(LOCK))"
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/pip-compile $(PIP_COMPILE_FLAGS) -o $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	bash scripts/demo.sh
@@ -23,6 +36,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+test-latest:
+	bash .ci/latest
 
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
@@ -35,4 +51,4 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile.cuda
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) .venv-latest outputs multirun .pytest_cache
