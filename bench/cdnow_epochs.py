@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 from hydra.utils import instantiate
-from machine_info import cpu_model
+from machine_info import machine
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -92,7 +92,7 @@ def main() -> None:
     checkpoints = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
     events = read_events(load_model(checkpoints[0], "cpu")[0], "cdnow")  # read once
     table = Table(
-        title=f"CDNOW, seed {args.seed}, {args.samples} samples: {started}, {cpu_model()}"
+        title=f"CDNOW, seed {args.seed}, {args.samples} samples: {started}, {machine()}"
     )
     for column in ("epoch", "val event NLL", "weeks 27-39 RMSE (val)", "total %",
                    "holdout RMSE (all)", "total %"):  # fmt: skip

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from machine_info import cpu_model
+from machine_info import machine as cpu_and_lock
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -378,7 +378,7 @@ def target_lines(latency: dict[tuple[str, int], dict[str, Latency]],
 
 
 def machine() -> str:
-    cpu = cpu_model()
+    cpu = cpu_and_lock()
     return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, onnxruntime {ort.__version__}"
 
 

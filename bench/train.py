@@ -52,7 +52,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from machine_info import cpu_model
+from machine_info import machine as cpu_and_lock
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from rich import box
@@ -442,7 +442,7 @@ def peer_table(
 
 
 def machine() -> str:
-    cpu = cpu_model()
+    cpu = cpu_and_lock()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs ({cpu}), load average {load}"
 

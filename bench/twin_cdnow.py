@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from machine_info import cpu_model
+from machine_info import machine
 from rich.console import Console
 from rich.table import Table
 
@@ -198,7 +198,7 @@ def main() -> None:
     members = [best_checkpoint(out / f"seed{seed}") for seed in args.seeds]
     ensemble = write_report(members, out / "ensemble", args.seeds[0])
     console = Console(width=180)
-    console.print(f"{started}, {cpu_model()}, overrides: {' '.join(args.overrides) or 'none'}")
+    console.print(f"{started}, {machine()}, overrides: {' '.join(args.overrides) or 'none'}")
     console.print(results_table(runs, ensemble))
     for line in target_lines(runs, ensemble):
         console.print(line)
