@@ -104,7 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser = _command(sub, "serve", "Serve a model repository with the embedded Triton server "
-                      "until SIGINT/SIGTERM.", "fintwin serve --repo model_repository --grpc-port 8001",
+                      "until SIGINT/SIGTERM. Exits 1 within about a second if tritonserver or a "
+                      "model's python backend stub dies (e.g. out of memory), for a supervisor to "
+                      "restart it.", "fintwin serve --repo model_repository --grpc-port 8001",
                       _serve)
     parser.add_argument("--repo", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")

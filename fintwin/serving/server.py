@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +53,9 @@ PYTHON_MODEL_SOURCE = Path(__file__).with_name("python_model.py")
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
 SHARED_MEMORY_DIR = Path("/dev/shm")
 LOG_ERROR_LINE = re.compile(r"E\d{4} ")  # glog prefix of Triton's error-level lines
+STUB_NAME = "triton_python_backend_stub"
+HEALTH_CHECK_INTERVAL_S = 0.5
+BROKEN_SERVER_STOP_TIMEOUT_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -216,6 +220,7 @@ class EmbeddedTriton:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.log_verbose = log_verbose
         self.models: list[str] = []
+        self.stubs_expected: dict[str, int] = {}
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
         self.shm_prefix = f"fintwin_{uuid.uuid4().hex[:12]}_"
@@ -273,6 +278,10 @@ class EmbeddedTriton:
             self.models = build_runtime_repository(
                 self.repo, self.workdir / "models", intra_op_threads=self.intra_op_threads
             )
+            self.stubs_expected = {
+                name: read_model_config(self.workdir / "models" / name).instance_group[0].count
+                for name in self.models
+            }
             backends = prepare_backends(self.workdir / "backends")
             self._choose_ports()
             self._launch(backends)
@@ -287,16 +296,38 @@ class EmbeddedTriton:
             self.metrics_url,
         )
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``shutdown_timeout_s``) and clean up."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM the server, SIGKILL it after ``timeout_s`` (``shutdown_timeout_s``); clean up."""
         if self.process is not None:
-            _stop_process_group(self.process, self.shutdown_timeout_s)
+            _stop_process_group(
+                self.process, self.shutdown_timeout_s if timeout_s is None else timeout_s
+            )
             self.process = None
             for region in SHARED_MEMORY_DIR.glob(f"{self.shm_prefix}*"):  # left by a killed stub
                 region.unlink(missing_ok=True)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def health_problem(self) -> str | None:
+        """Why the server cannot answer every model right now, or None when it can.
+
+        Checks that tritonserver runs and that every model instance still has its python
+        backend stub process. A stub that dies (e.g. killed by the kernel's out-of-memory
+        killer) is not restarted by Triton, which keeps reporting the server and the model ready
+        while every request to that instance fails with "Stub process ... is not healthy".
+        """
+        if not self.running:
+            return f"tritonserver {_describe_exit(self.process.returncode)}"
+        alive = Counter(model for _, model in python_stubs(self.process.pid))
+        for model, expected in self.stubs_expected.items():
+            if alive[model] < expected:
+                return (
+                    f"a python backend stub of model {model!r} died ({alive[model]} of "
+                    f"{expected} left; killed or crashed, e.g. by the out-of-memory killer): "
+                    "Triton does not restart it and that model's requests fail"
+                )
+        return None
 
     def log_excerpt(self, tail_lines: int = 8, max_chars: int = 600) -> str:
         """Error lines of the server log, then its last ``tail_lines`` lines (long ones cut)."""
@@ -366,6 +397,34 @@ class EmbeddedTriton:
         )
 
 
+def python_stubs(server_pid: int) -> list[tuple[int, str]]:
+    """(pid, model name) of every live (non-zombie) python backend stub of the server."""
+    stubs = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) != server_pid or state in ("Z", "X"):
+                continue
+            argv = [os.fsdecode(arg) for arg in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:  # exited meanwhile
+            continue
+        if Path(argv[0]).name == STUB_NAME:  # argv[1]: <runtime repo>/<model>/<version>/model.py
+            stubs.append((int(entry.name), Path(argv[1]).parent.parent.name))
+    return stubs
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "unknown signal"
+    return f"was killed by signal {-returncode} ({name})"
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -404,7 +463,10 @@ def serve(
     """``fintwin serve``: run the embedded server until SIGINT/SIGTERM; return the exit code.
 
     0 after a clean shutdown on a signal, 2 when the repository is unusable, 1 when the server
-    fails to start or dies. Must run in the main thread (it installs signal handlers).
+    fails to start, or when tritonserver or a model's python backend stub dies while serving:
+    checked every ``HEALTH_CHECK_INTERVAL_S``, the server is then stopped at once (its
+    endpoints, readiness included, stop answering) so that a supervisor restarts the command.
+    Must run in the main thread (it installs signal handlers).
     """
     stop = threading.Event()
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -415,9 +477,16 @@ def serve(
             repo, host, http_port, grpc_port, metrics_port, intra_op_threads=intra_op_threads
         ) as server:
             logger.info("serving %s (models: %s); stop with Ctrl-C", repo, ", ".join(server.models))
-            while not stop.wait(0.5):
-                if not server.running:
-                    logger.error("tritonserver died; its log:\n%s", server.log_excerpt())
+            while not stop.wait(HEALTH_CHECK_INTERVAL_S):
+                problem = server.health_problem()
+                if problem is not None:
+                    logger.error(
+                        "%s; stopping the server (exit 1, for a supervisor to restart it). "
+                        "tritonserver's log:\n%s",
+                        problem,
+                        server.log_excerpt(),
+                    )
+                    server.stop(timeout_s=BROKEN_SERVER_STOP_TIMEOUT_S)
                     return 1
         return 0
     except ModelRepositoryError as exc:
