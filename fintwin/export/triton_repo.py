@@ -11,7 +11,9 @@ A new export adds version N+1 and never touches earlier versions. The version di
 staged under a hidden, non-numeric name inside ``<name>/`` (Triton only loads numeric version
 directories) and renamed into place as the last step, so a server polling the repository sees
 either the complete version or nothing. Files that are replaced (config, top-level metadata)
-are written to a temporary file and moved over the old one with ``os.replace``.
+are written to a temporary file and moved over the old one with ``os.replace``. When a write
+or rename fails (full disk, read-only file system), every step already taken is undone by
+renames, nothing staged is left behind, and a ModelRepositoryError names the path and cause.
 
 All versions of a Triton model share one config, so a new version must have the same inputs
 and outputs as the versions already there; an export with another signature needs a new name.
@@ -19,17 +21,20 @@ and outputs as the versions already there; an export with another signature need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+
+from fintwin.errors import FintwinInputError
 
 # The production server image (serve/docker-compose.yml) and what it can run. Triton 24.10 is
 # Triton 2.51.0, the same core as the tritonserver bundled in nvidia-pytriton 0.7.0, and ships
@@ -43,6 +48,7 @@ CONFIG_NAME = "config.pbtxt"
 METADATA_NAME = "fintwin.json"
 MODEL_FILENAME = "model.onnx"
 STAGING_PREFIX = ".staging-"
+COPY_CHUNK_BYTES = 1 << 20
 
 ONNX_TO_TRITON_DTYPE = {
     onnx.TensorProto.BOOL: mc.TYPE_BOOL,
@@ -62,8 +68,8 @@ FEATURISER_KEYS = ("vocab", "numeric_features", "max_len", "same_day_merge", "ho
                    "quantiles", "input_names", "output_names")
 
 
-class ModelRepositoryError(ValueError):
-    """A model repository (or a model written into it) is not usable."""
+class ModelRepositoryError(FintwinInputError):
+    """A model repository (or a model written into it) is not usable, or cannot be written."""
 
 
 def write_model_version(
@@ -82,9 +88,10 @@ def write_model_version(
 
     The model config is derived from the ONNX graph (input/output names, dtypes, shapes), with
     dynamic batching on and ``instances`` model instances on each GPU (``device="gpu"``) or on
-    the CPU. ``metadata`` (see CONTRACT.md) is stored next to the model and in the version;
-    its ``input_names``/``output_names`` are filled from the graph and must agree with it.
-    An empty ``preferred_batch_sizes`` lets the batcher form the largest batch available.
+    the CPU. ``metadata`` (fintwin.export.onnx.export_metadata) is stored next to the model and
+    in the version; its ``input_names``/``output_names`` are filled from the graph and must agree
+    with it. An empty ``preferred_batch_sizes`` lets the batcher form the largest batch available.
+    A full disk or read-only file system raises ModelRepositoryError and changes nothing.
     """
     graph_model = onnx.load(str(onnx_path), load_external_data=False)
     check_onnx_compatible(graph_model)
@@ -101,9 +108,20 @@ def write_model_version(
     featuriser = {k: metadata[k] for k in FEATURISER_KEYS if k in metadata}
     config.parameters[FEATURISER_PARAMETER].string_value = json.dumps(featuriser, sort_keys=True)
     model_dir = Path(repo) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_signature(model_dir, config)
-    return _commit_version(model_dir, Path(onnx_path), config, metadata)
+    created = _missing_directories(model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        _check_same_signature(model_dir, config)
+        return _commit_version(model_dir, Path(onnx_path), config, metadata)
+    except OSError as exc:
+        raise ModelRepositoryError(
+            f"cannot add a version of model {name!r} to {model_dir}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename else "")
+            + "; the repository is left as it was"
+        ) from exc
+    finally:
+        if created and not model_versions(model_dir):
+            _remove_empty(created)
 
 
 def read_model_config(path: Path) -> mc.ModelConfig:
@@ -168,7 +186,7 @@ def build_model_config(
     """Triton ModelConfig for the onnxruntime backend, with inputs/outputs read from the graph."""
     _check_batching(max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances)
     if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        raise FintwinInputError(f"device must be 'cpu' or 'gpu', got {device!r}")
     config = mc.ModelConfig(
         name=name,
         platform="onnxruntime_onnx",
@@ -223,14 +241,16 @@ def _check_batching(
     instances: int,
 ) -> None:
     if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1 for dynamic batching, got {max_batch_size}")
+        raise FintwinInputError(
+            f"max_batch_size must be >= 1 for dynamic batching, got {max_batch_size}"
+        )
     bad = [size for size in preferred_batch_sizes if not 1 <= size <= max_batch_size]
     if bad:
-        raise ValueError(f"preferred batch sizes {bad} are outside [1, {max_batch_size}]")
+        raise FintwinInputError(f"preferred batch sizes {bad} are outside [1, {max_batch_size}]")
     if max_queue_delay_us < 0:
-        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+        raise FintwinInputError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
     if instances < 1:
-        raise ValueError(f"instances must be >= 1, got {instances}")
+        raise FintwinInputError(f"instances must be >= 1, got {instances}")
 
 
 def _metadata_with_io_names(metadata: dict[str, Any], config: mc.ModelConfig) -> dict[str, Any]:
@@ -262,28 +282,67 @@ def _check_same_signature(model_dir: Path, config: mc.ModelConfig) -> None:
 def _commit_version(
     model_dir: Path, onnx_path: Path, config: mc.ModelConfig, metadata: dict[str, Any]
 ) -> int:
-    """Stage the version, then replace config, rename the version into place, update metadata."""
-    token = uuid.uuid4().hex
-    staging = model_dir / f"{STAGING_PREFIX}{token}"
-    config_tmp = model_dir / f"{STAGING_PREFIX}{token}.{CONFIG_NAME}"
-    metadata_tmp = model_dir / f"{STAGING_PREFIX}{token}.{METADATA_NAME}"
-    metadata_text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+    """Stage the version and the new shared files, then publish them (see _publish)."""
+    token = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging = model_dir / token
+    metadata_bytes = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    contents = {CONFIG_NAME: format_model_config(config).encode(), METADATA_NAME: metadata_bytes}
+    staged = {name: model_dir / f"{token}.{name}" for name in contents}
+    backups = {name: model_dir / f"{token}.old.{name}" for name in contents}
     try:
         staging.mkdir()
-        shutil.copyfile(onnx_path, staging / MODEL_FILENAME)
-        _write_durably(staging / METADATA_NAME, metadata_text)
-        _fsync(staging / MODEL_FILENAME)
-        _write_durably(config_tmp, format_model_config(config))
-        _write_durably(metadata_tmp, metadata_text)
-        os.replace(config_tmp, model_dir / CONFIG_NAME)
-        version = _rename_to_next_version(staging, model_dir)
-        os.replace(metadata_tmp, model_dir / METADATA_NAME)
-        _fsync(model_dir)
+        _write_durably(staging / MODEL_FILENAME, _chunks(onnx_path))
+        _write_durably(staging / METADATA_NAME, [metadata_bytes])
+        for name, path in staged.items():
+            _write_durably(path, [contents[name]])
+        _fsync(staging)
+        return _publish(model_dir, staging, staged, backups)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        config_tmp.unlink(missing_ok=True)
-        metadata_tmp.unlink(missing_ok=True)
-    return version
+        for path in [*staged.values(), *backups.values()]:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+
+def _publish(
+    model_dir: Path, staging: Path, staged: dict[str, Path], backups: dict[str, Path]
+) -> int:
+    """Replace the config, rename the version into place, replace the top-level metadata.
+
+    The files replaced are first hard-linked to ``backups``, so that a failing step is undone by
+    renames alone (no write needed on a full disk): the version goes back to ``staging``, the
+    old files back to their names.
+    """
+    for name, backup in backups.items():
+        if (model_dir / name).exists():
+            os.link(model_dir / name, backup)
+    replaced: list[str] = []
+    version = None
+    try:
+        os.replace(staged[CONFIG_NAME], model_dir / CONFIG_NAME)
+        replaced.append(CONFIG_NAME)
+        version = _rename_to_next_version(staging, model_dir)
+        os.replace(staged[METADATA_NAME], model_dir / METADATA_NAME)
+        replaced.append(METADATA_NAME)
+        _fsync(model_dir)
+        return version
+    except OSError as exc:
+        try:
+            if version is not None:
+                os.rename(model_dir / str(version), staging)
+            for name in replaced:
+                if backups[name].exists():
+                    os.replace(backups[name], model_dir / name)
+                else:
+                    (model_dir / name).unlink()
+            _fsync(model_dir)
+        except OSError as undo:
+            raise ModelRepositoryError(
+                f"cannot add a version to {model_dir}: {exc.strerror or exc}, and undoing the "
+                f"steps taken failed too ({undo.strerror or undo}): check version {version} and "
+                f"{', '.join(replaced)} there"
+            ) from exc
+        raise
 
 
 def _rename_to_next_version(staging: Path, model_dir: Path) -> int:
@@ -299,9 +358,17 @@ def _rename_to_next_version(staging: Path, model_dir: Path) -> int:
             version += 1  # another export took this number first
 
 
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(COPY_CHUNK_BYTES):
+            yield chunk
+
+
+def _write_durably(path: Path, chunks: Iterable[bytes]) -> None:
+    """Create ``path`` (it must not exist) holding ``chunks``, flushed to disk."""
+    with open(path, "xb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -312,3 +379,19 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories an export created, deepest first, where they are still empty."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()

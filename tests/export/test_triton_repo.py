@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fintwin.export import triton_repo
 from fintwin.export.triton_repo import (
     STAGING_PREFIX,
     ModelRepositoryError,
@@ -184,24 +187,116 @@ def test_second_export_adds_version_two_and_leaves_version_one_untouched(tmp_pat
     assert read_model_config(tmp_path / "twin").max_batch_size == 8
 
 
-@pytest.mark.parametrize("failing", ["os.rename", "shutil.copyfile"])
-def test_crash_mid_write_leaves_no_new_version(tmp_path, onnx_file, monkeypatch, failing):
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+EROFS = OSError(errno.EROFS, os.strerror(errno.EROFS))
+RETRAINED = {**METADATA, "vocab": {"buy": 2, "return": 4, "visit": 3}, "source_commit": "new"}
+
+
+def _failing_write(monkeypatch, error: OSError, fails_on) -> None:
+    """Writes of files matching ``fails_on`` stop half-way with ``error`` (a full disk)."""
+    real_write = triton_repo._write_durably
+
+    def write(path: Path, chunks) -> None:
+        if not fails_on(path):
+            return real_write(path, chunks)
+        data = b"".join(chunks)
+        path.write_bytes(data[: len(data) // 2])
+        raise OSError(error.errno, error.strerror, str(path))
+
+    monkeypatch.setattr(triton_repo, "_write_durably", write)
+
+
+def _failing_rename(monkeypatch, function: str, error: OSError, fails_on) -> None:
+    """``os.<function>(src, dst)`` raises ``error`` where ``fails_on(dst)``."""
+    real = getattr(os, function)
+
+    def rename(src, dst, *args, **kwargs):
+        if fails_on(Path(dst)):
+            raise OSError(error.errno, error.strerror, str(src), None, str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, function, rename)
+
+
+def _raises(error: OSError):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def _is_staged(path: Path) -> bool:
+    return any(part.startswith(STAGING_PREFIX) for part in path.parts)
+
+
+FAILURES = {  # where the disk gives out -> how to make it give out there
+    "model.onnx": lambda mp: _failing_write(
+        mp, ENOSPC, lambda p: p.name == "model.onnx" and _is_staged(p)
+    ),
+    "version metadata": lambda mp: _failing_write(
+        mp, ENOSPC, lambda p: p.name == "fintwin.json" and _is_staged(p.parent)
+    ),
+    "config.pbtxt": lambda mp: _failing_write(
+        mp, ENOSPC, lambda p: p.name.endswith("config.pbtxt")
+    ),
+    "backup link": lambda mp: mp.setattr(os, "link", _raises(EROFS)),
+    "version rename": lambda mp: _failing_rename(mp, "rename", EROFS, lambda p: p.name.isdigit()),
+    "metadata replace": lambda mp: _failing_rename(
+        mp, "replace", ENOSPC, lambda p: p.name == "fintwin.json" and not _is_staged(p)
+    ),
+}
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_full_or_read_only_disk_leaves_the_repository_as_it_was(
+    tmp_path, onnx_file, monkeypatch, where
+):
     write_model_version(tmp_path, "twin", onnx_file, METADATA)
-    before = _files(tmp_path / "twin")
+    before = _files(tmp_path)
+    FAILURES[where](monkeypatch)
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    module, name = failing.split(".")
-    monkeypatch.setattr({"os": os, "shutil": shutil}[module], name, crash)
-    with pytest.raises(OSError, match="disk full"):
-        write_model_version(tmp_path, "twin", onnx_file, {**METADATA, "source_commit": "new"})
+    with pytest.raises(ModelRepositoryError) as error:
+        write_model_version(tmp_path, "twin", onnx_file, RETRAINED, max_batch_size=8)
     monkeypatch.undo()
 
-    assert model_versions(tmp_path / "twin") == [1]
-    assert _files(tmp_path / "twin") == before  # config, metadata and version 1 byte-identical
-    assert not [p for p in (tmp_path / "twin").iterdir() if p.name.startswith(STAGING_PREFIX)]
-    assert write_model_version(tmp_path, "twin", onnx_file, METADATA) == 2
+    message = str(error.value)
+    assert f"cannot add a version of model 'twin' to {tmp_path / 'twin'}: " in message
+    assert re.search("No space left on device|Read-only file system", message), message
+    assert "the repository is left as it was" in message
+    assert _files(tmp_path) == before  # config, metadata and version 1 byte-identical
+    assert sorted(p.name for p in (tmp_path / "twin").iterdir()) == [
+        "1",
+        "config.pbtxt",
+        "fintwin.json",
+    ]  # no version 2, nothing staged
+    assert write_model_version(tmp_path, "twin", onnx_file, RETRAINED) == 2
+
+
+def test_failing_write_names_the_file(tmp_path, onnx_file, monkeypatch):
+    _failing_write(monkeypatch, ENOSPC, lambda p: p.name == "model.onnx")
+    with pytest.raises(ModelRepositoryError, match=r"No space left on device \(.*model\.onnx\)"):
+        write_model_version(tmp_path, "twin", onnx_file, METADATA)
+
+
+def test_failed_first_export_leaves_no_directory(tmp_path, onnx_file, monkeypatch):
+    _failing_write(monkeypatch, ENOSPC, lambda p: p.name.endswith("config.pbtxt"))
+    with pytest.raises(ModelRepositoryError, match="No space left on device"):
+        write_model_version(tmp_path / "new_repo", "twin", onnx_file, METADATA)
+
+    assert list(tmp_path.iterdir()) == [onnx_file]
+
+
+def test_a_failed_undo_says_what_to_check(tmp_path, onnx_file, monkeypatch):
+    write_model_version(tmp_path, "twin", onnx_file, METADATA)
+    _failing_rename(monkeypatch, "replace", ENOSPC, lambda p: p.name == "fintwin.json")
+    _failing_rename(monkeypatch, "rename", EROFS, _is_staged)  # moving version 2 back
+
+    with pytest.raises(ModelRepositoryError) as error:
+        write_model_version(tmp_path, "twin", onnx_file, RETRAINED)
+
+    message = str(error.value)
+    assert "No space left on device, and undoing the steps taken failed too" in message
+    assert "(Read-only file system): check version 2 and config.pbtxt there" in message
 
 
 def test_leftover_staging_directory_is_ignored(tmp_path, onnx_file):

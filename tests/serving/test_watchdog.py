@@ -71,7 +71,7 @@ class ServeCommand:
         return self.log.read_text(errors="replace")
 
     def server_group_is_gone(self) -> bool:
-        """Whether tritonserver and its stubs have all exited (polled, a killed one takes a moment)."""
+        """Whether tritonserver and its stubs have all exited (polled: dying takes a moment)."""
         deadline = time.monotonic() + EXIT_DEADLINE_S
         while self.standin.processes_in_group(self.server_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
