@@ -8,6 +8,7 @@ export example; the export fails when any output differs by more than the tolera
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -21,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import TrainedTwin, load_twin
 from fintwin.models.module import QUANTILE_LEVELS, ExportableTwin
 
@@ -149,8 +151,18 @@ def source_commit() -> str:
         return ""
 
 
+def checkpoint_identity(ckpt: Path) -> dict[str, str]:
+    """The checkpoint's file name and SHA-256: identifies it without revealing where it lives."""
+    with open(ckpt, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"file": Path(ckpt).name, "sha256": digest}
+
+
 def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict:
-    """What a client needs besides the graph: vocab, featuriser settings, metrics, provenance."""
+    """What a client needs besides the graph: vocab, featuriser settings, metrics, provenance.
+
+    Served to clients as is, so it holds no path of the machine that exported it.
+    """
     metrics_file = ckpt.parent.parent / "metrics.json"
     metrics = {}
     if metrics_file.is_file():
@@ -164,19 +176,29 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
         "scaling": data["scaling"], "quantiles": list(QUANTILE_LEVELS),
         "encoder": twin.model.hparams.encoder["name"], "metrics": metrics,
         "parity_max_abs": report.max_abs, "source_commit": source_commit(),
-        "checkpoint": str(ckpt),
+        "checkpoint": checkpoint_identity(ckpt),
     }
 
 
 def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
                          **triton_options) -> tuple[int, ParityReport]:
-    """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>``."""
-    from fintwin.export.triton_repo import write_model_version
+    """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>``.
+
+    A write that fails (full disk, read-only file system) raises FintwinInputError naming the
+    path and the cause; the repository is then left as it was.
+    """
+    from fintwin.export.triton_repo import MODEL_FILENAME, write_model_version
 
     twin = load_twin(ckpt)
-    with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = Path(scratch) / "model.onnx"
-        report = export_onnx(twin, onnx_path)
+    with tempfile.TemporaryDirectory(prefix="fintwin-export-") as scratch:
+        onnx_path = Path(scratch) / MODEL_FILENAME
+        try:
+            report = export_onnx(twin, onnx_path)
+        except OSError as exc:
+            raise FintwinInputError(
+                f"cannot write the ONNX export to {exc.filename or scratch}: {exc.strerror or exc}"
+                " (it is written there, in TMPDIR, before it is copied into the repository)"
+            ) from exc
         version = write_model_version(repo, name, onnx_path, export_metadata(twin, ckpt, report),
                                       device=device, **triton_options)
     return version, report
