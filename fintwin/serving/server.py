@@ -220,7 +220,8 @@ class EmbeddedTriton:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.log_verbose = log_verbose
         self.models: list[str] = []
-        self.stubs_expected: dict[str, int] = {}
+        self.stubs_expected: dict[str, int] = {}  # model -> instances, each one python stub
+        self.stubs: dict[int, str] = {}  # pid -> model of the stubs running once ready
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
         self.shm_prefix = f"fintwin_{uuid.uuid4().hex[:12]}_"
@@ -286,6 +287,7 @@ class EmbeddedTriton:
             self._choose_ports()
             self._launch(backends)
             self._wait_ready()
+            self.stubs = python_stubs(self.process.pid)
         except BaseException:
             self.stop()
             raise
@@ -312,14 +314,17 @@ class EmbeddedTriton:
     def health_problem(self) -> str | None:
         """Why the server cannot answer every model right now, or None when it can.
 
-        Checks that tritonserver runs and that every model instance still has its python
-        backend stub process. A stub that dies (e.g. killed by the kernel's out-of-memory
-        killer) is not restarted by Triton, which keeps reporting the server and the model ready
-        while every request to that instance fails with "Stub process ... is not healthy".
+        Checks that tritonserver runs and that each model instance's python backend stub (as
+        found when the server became ready) is alive. A stub that dies (e.g. killed by the
+        kernel's out-of-memory killer) is not restarted by Triton, which keeps reporting the
+        server and the model ready while every request to that instance fails with "Stub
+        process ... is not healthy". Costs one /proc read per stub.
         """
         if not self.running:
             return f"tritonserver {_describe_exit(self.process.returncode)}"
-        alive = Counter(model for _, model in python_stubs(self.process.pid))
+        alive = Counter(
+            model for pid, model in self.stubs.items() if _is_live_child(pid, self.process.pid)
+        )
         for model, expected in self.stubs_expected.items():
             if alive[model] < expected:
                 return (
@@ -397,22 +402,30 @@ class EmbeddedTriton:
         )
 
 
-def python_stubs(server_pid: int) -> list[tuple[int, str]]:
-    """(pid, model name) of every live (non-zombie) python backend stub of the server."""
-    stubs = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+def python_stubs(server_pid: int) -> dict[int, str]:
+    """Model name of every live python backend stub of the server, by pid (scans /proc)."""
+    stubs = {}
+    for entry in os.listdir("/proc"):
+        if not (entry.isdigit() and _is_live_child(int(entry), server_pid)):
             continue
         try:
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) != server_pid or state in ("Z", "X"):
-                continue
-            argv = [os.fsdecode(arg) for arg in (entry / "cmdline").read_bytes().split(b"\0")]
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:  # exited meanwhile
             continue
-        if Path(argv[0]).name == STUB_NAME:  # argv[1]: <runtime repo>/<model>/<version>/model.py
-            stubs.append((int(entry.name), Path(argv[1]).parent.parent.name))
+        if Path(os.fsdecode(argv[0])).name == STUB_NAME:
+            model_py = Path(os.fsdecode(argv[1]))  # <runtime repo>/<model>/<version>/model.py
+            stubs[int(entry)] = model_py.parent.parent.name
     return stubs
+
+
+def _is_live_child(pid: int, parent: int) -> bool:
+    """Whether ``pid`` is a child of ``parent`` that has not exited (zombies have)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state, ppid = stat.read().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return False
+    return int(ppid) == parent and state not in ("Z", "X")
 
 
 def _describe_exit(returncode: int) -> str:

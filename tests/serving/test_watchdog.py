@@ -98,14 +98,23 @@ def serve_command(model_repo, standin, tmp_path) -> Iterator[ServeCommand]:
 def test_a_healthy_server_has_no_health_problem(triton_server, standin):
     stubs = python_stubs(triton_server.process.pid)
 
-    assert [model for _, model in stubs] == [standin.model_name]
-    assert all(_exe_name(pid) == STUB_NAME for pid, _ in stubs)
+    assert list(stubs.values()) == [standin.model_name]
+    assert all(_exe_name(pid) == STUB_NAME for pid in stubs)
+    assert triton_server.stubs == stubs
     assert triton_server.stubs_expected == {standin.model_name: 1}
     assert triton_server.health_problem() is None
 
 
+def test_a_stub_missing_once_ready_is_a_health_problem(triton_server, standin, monkeypatch):
+    monkeypatch.setattr(triton_server, "stubs", {})  # as if one died before the server was ready
+
+    problem = triton_server.health_problem()
+
+    assert problem.startswith(f"a python backend stub of model '{standin.model_name}' died (0 of 1")
+
+
 def test_serve_exits_1_when_a_python_stub_is_killed(serve_command, standin):
-    ((stub, model),) = python_stubs(serve_command.server_pid)
+    ((stub, model),) = python_stubs(serve_command.server_pid).items()
 
     os.kill(stub, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     output = serve_command.output()
