@@ -18,27 +18,47 @@ import numpy as np
 import pandas as pd
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf.json_format import MessageToDict
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.data.features import Vocab
 from fintwin.export.triton_repo import (
+    CONFIG_NAME,
     FEATURISER_PARAMETER,
     MODEL_FILENAME,
     ModelRepositoryError,
     model_versions,
+    read_model_config,
 )
-from fintwin.serving.python_model import InputError, OnnxModel, read_metadata
+from fintwin.serving.python_model import (
+    DEFAULT_MAX_BATCH_ELEMENTS,
+    MAX_BATCH_ELEMENTS_PARAMETER,
+    InputError,
+    OnnxModel,
+    config_parameter,
+    read_metadata,
+)
 
 WireProtocol = Literal["grpc", "http"]
 _CLIENT_MODULES = {"grpc": grpcclient, "http": httpclient}
+# tritonclient's status of a refused request: HTTP 400, gRPC INVALID_ARGUMENT
+_INVALID_REQUEST_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
 
 
 class InferenceError(RuntimeError):
     """A batch could not be scored (bad inputs, unknown model, server error); says why."""
 
 
+class InvalidRequestError(InferenceError):
+    """The model refused the batch as invalid (HTTP 400 / gRPC INVALID_ARGUMENT, or the same
+    check in process): the message names the input, row and expected value; retrying the same
+    batch fails again."""
+
+
 class Transport(Protocol):
     """What the featurising client needs from a scoring backend."""
+
+    max_batch_elements: int  # the most rows x events one batch may hold
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score one batch of model inputs; return every model output."""
@@ -97,7 +117,8 @@ class TritonTransport:
         self._layout: _Layout | None = None
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Send one batch; raise InferenceError with the server's message on failure."""
+        """Send one batch; raise InvalidRequestError when the server refuses it as invalid,
+        InferenceError on any other failure, with the server's message."""
         try:
             layout = self._get_layout()
             result = self._client.infer(
@@ -108,7 +129,10 @@ class TritonTransport:
                 **self._infer_kwargs,
             )
         except InferenceServerException as exc:
-            raise InferenceError(
+            error = (
+                InvalidRequestError if exc.status() in _INVALID_REQUEST_STATUSES else InferenceError
+            )
+            raise error(
                 f"{self.protocol} inference on {self.model!r} failed: {exc.message()}"
             ) from exc
         return {
@@ -134,6 +158,13 @@ class TritonTransport:
             return self._client.get_model_config(self.model, self.version)
         except InferenceServerException as exc:
             raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
+
+    @property
+    def max_batch_elements(self) -> int:
+        """The served model's rows x events budget per batch (its config parameter or default)."""
+        return config_parameter(
+            self.model_config(), MAX_BATCH_ELEMENTS_PARAMETER, DEFAULT_MAX_BATCH_ELEMENTS
+        )
 
     @property
     def metadata(self) -> dict:
@@ -188,10 +219,11 @@ def _layout_from_config(config: Mapping) -> _Layout:
 class InProcessRunner:
     """Score batches with onnxruntime in this process, from an exported model repository.
 
-    Uses the version's own ``model.onnx`` and ``fintwin.json`` (``metadata``) and the same
-    validation and onnxruntime options as the served model. ``intra_op_threads=0``: one thread per
-    physical core (batch scoring). ``providers``: e.g. ("CUDAExecutionProvider",
-    "CPUExecutionProvider") on a GPU machine.
+    Uses the version's own ``model.onnx`` and ``fintwin.json`` (``metadata``), the model config's
+    ``max_batch_elements`` and the same validation and onnxruntime options as the served model,
+    so a batch the server refuses is refused here with the same message.
+    ``intra_op_threads=0``: one thread per physical core (batch scoring). ``providers``: e.g.
+    ("CUDAExecutionProvider", "CPUExecutionProvider") on a GPU machine.
     """
 
     def __init__(
@@ -214,18 +246,23 @@ class InProcessRunner:
         self.version = version
         version_dir = model_dir / str(version)
         self.metadata = read_metadata(version_dir)
+        self.max_batch_elements = _budget_of(model_dir)
         self._model: OnnxModel | None = OnnxModel(
-            version_dir / MODEL_FILENAME, self.metadata, intra_op_threads, providers
+            version_dir / MODEL_FILENAME,
+            self.metadata,
+            intra_op_threads,
+            providers,
+            max_batch_elements=self.max_batch_elements,
         )
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate and score one batch; raise InferenceError naming the bad input."""
+        """Validate and score one batch; raise InvalidRequestError naming the bad input."""
         if self._model is None:
             raise InferenceError("the runner is closed")
         try:
             return self._model.run(inputs)
         except InputError as exc:
-            raise InferenceError(str(exc)) from exc
+            raise InvalidRequestError(str(exc)) from exc
 
     def ready(self) -> bool:
         """True until closed."""
@@ -234,6 +271,14 @@ class InProcessRunner:
     def close(self) -> None:
         """Release the loaded onnxruntime model."""
         self._model = None
+
+
+def _budget_of(model_dir: Path) -> int:
+    """``max_batch_elements`` of a model's exported config, or the served default."""
+    if not (model_dir / CONFIG_NAME).is_file():
+        return DEFAULT_MAX_BATCH_ELEMENTS
+    config = MessageToDict(read_model_config(model_dir), preserving_proto_field_name=True)
+    return config_parameter(config, MAX_BATCH_ELEMENTS_PARAMETER, DEFAULT_MAX_BATCH_ELEMENTS)
 
 
 def _padded_width(length: int, max_len: int) -> int:
@@ -246,7 +291,9 @@ class TwinClient:
 
     ``TwinClient(url="127.0.0.1:8001", protocol="grpc", model="fintwin")`` talks to a server;
     ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process.
-    ``predict(events)`` returns one row per customer.
+    ``predict(events)`` returns one row per customer. Each customer keeps its most recent
+    ``max_len`` events (the model refuses longer sequences); a call holds at most ``batch_size``
+    customers, fewer when the model's ``max_batch_elements`` budget needs it.
     """
 
     def __init__(self, url: str | None = None, protocol: WireProtocol = "grpc", model: str = "fintwin",
@@ -305,10 +352,11 @@ class TwinClient:
         sequences = self.featurise(events, as_of)
         silence = sequences.days_since_last_event().astype(np.float32)
         max_len = int(self.settings["max_len"])
+        rows = max(1, min(self.batch_size, self.transport.max_batch_elements // max_len))
         parts = []
-        starts = range(0, len(sequences), self.batch_size)
+        starts = range(0, len(sequences), rows)
         for lo in tqdm(starts, disable=not progress, unit="batch", desc="scoring"):
-            index = np.arange(lo, min(lo + self.batch_size, len(sequences)))
+            index = np.arange(lo, min(lo + rows, len(sequences)))
             batch = {k: v.numpy() for k, v in sequences.batch(index, with_targets=False).items()}
             batch["days_since_last_event"] = silence[index]
             width = _padded_width(int(batch["length"].max()), max_len)

@@ -6,10 +6,20 @@ imports nothing from fintwin. ``OnnxModel`` holds everything that is not Triton-
 (onnxruntime options, request validation, batching) and is also what the in-process runner uses,
 so both paths validate and compute identically.
 
-Per Triton ``execute`` call, all valid requests are right-padded on the sequence axis to the
-longest one and run as ONE onnxruntime batch (rows are independent and the model reads each
-row at its ``length``, so right-padding is harmless), then the outputs are split per request.
+Per Triton ``execute`` call, the valid requests are right-padded on the sequence axis to the
+longest one and run as one onnxruntime batch, or as few as the memory budget below allows (rows
+are independent and the model reads each row at its ``length``, so right-padding is harmless),
+then the outputs are split per request.
 Invalid requests get their own error response; they never fail the other requests of the call.
+
+Error codes: a request the client got wrong (``InputError``: names, shapes, values, a sequence
+longer than the model's ``max_len``, a size over the ``max_batch_elements`` budget) is answered
+``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT); anything else is our fault and is answered
+``INTERNAL`` (HTTP 500, gRPC INTERNAL).
+
+Memory budget: the config parameter ``max_batch_elements`` (default ``DEFAULT_MAX_BATCH_ELEMENTS``)
+bounds rows x sequence positions of one onnxruntime run. A request over it is refused before
+anything is padded or run, and requests batched together are split into runs within it.
 """
 
 from __future__ import annotations
@@ -33,6 +43,10 @@ EVENT_TYPE_INPUT = "event_type"
 NON_NEGATIVE_INPUTS = ("delta_t", "days_since_last_event")  # gaps and silences, in days
 VOCAB_OUTPUT = "next_event_probs"
 METADATA_FILENAME = "fintwin.json"
+MAX_LEN_KEY = "max_len"  # fintwin.json: the most events per customer the model was trained to read
+INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
+MAX_BATCH_ELEMENTS_PARAMETER = "max_batch_elements"
+DEFAULT_MAX_BATCH_ELEMENTS = 1 << 18  # rows x positions per run, e.g. 1024 customers x 256 events
 # Exclusive upper bounds of the calendar id inputs (CONTRACT.md); event_type's is the vocab size.
 ID_UPPER_BOUNDS = {"day_of_week": 7, "day_of_month": 32, "hour": 24}
 
@@ -55,7 +69,7 @@ NUMPY_TO_TRITON = {
 
 
 class InputError(ValueError):
-    """A request's inputs do not match what the model expects."""
+    """A request's inputs do not match what the model expects (the client's fault: 400)."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +130,18 @@ class OnnxModel:
         metadata: Mapping | None = None,
         intra_op_threads: int = 1,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS,
     ) -> None:
+        metadata = metadata or {}
+        self.max_len = int(metadata[MAX_LEN_KEY]) if MAX_LEN_KEY in metadata else None
+        self.max_batch_elements = check_budget(max_batch_elements, self.max_len)
         self.runtime = load_onnx(onnx_path, intra_op_threads, providers)
         self.inputs = [TensorSpec.from_node(node) for node in self.runtime.get_inputs()]
         self.outputs = [TensorSpec.from_node(node) for node in self.runtime.get_outputs()]
         self.output_names = [spec.name for spec in self.outputs]
-        self.vocab_size = _vocab_size(self.outputs, metadata or {})
+        # the first [B, T, ...] input: its T is the sequence axis every such input shares
+        self.sequence_input = next((s.name for s in self.inputs if len(s.shape) >= 2), None)
+        self.vocab_size = _vocab_size(self.outputs, metadata)
         per_position = [
             spec.name for spec in self.outputs if any(isinstance(d, str) for d in spec.shape[1:])
         ]
@@ -132,14 +152,40 @@ class OnnxModel:
             )
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """Raise InputError naming the input and what was expected if ``inputs`` are unusable."""
+        """Raise InputError naming the input and what was expected if ``inputs`` are unusable.
+
+        Names, dtypes and shapes first, then the size (``max_len``, ``max_batch_elements``),
+        and only then the values, so an oversized request is refused before anything is
+        allocated for it.
+        """
         _check_names(inputs, self.inputs)
         axis_sizes: dict[str, tuple[int, str]] = {}
         for spec in self.inputs:
             _check_tensor(inputs[spec.name], spec, axis_sizes)
+        self._check_size(inputs)
         for spec in self.inputs:
             _check_values(inputs[spec.name], spec, self.vocab_size)
-        _check_lengths(inputs, self.inputs)
+        _check_lengths(inputs, self.sequence_input)
+
+    def _check_size(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Sequence axis within ``max_len``; rows x positions within ``max_batch_elements``."""
+        sequence = self.sequence_input
+        if sequence is None:
+            return
+        rows, seq_len = inputs[sequence].shape[:2]
+        if self.max_len is not None and seq_len > self.max_len:
+            raise InputError(
+                f"input {sequence!r} has T={seq_len} events per row, more than this model's "
+                f"max_len={self.max_len}; send each customer's most recent {self.max_len} events "
+                "(truncate from the left, as TwinClient does)"
+            )
+        if rows * seq_len > self.max_batch_elements:
+            raise InputError(
+                f"input {sequence!r} has shape [{rows}, {seq_len}] = {rows * seq_len} elements, "
+                f"more than this model's budget of {self.max_batch_elements} (rows x events, "
+                f"config parameter {MAX_BATCH_ELEMENTS_PARAMETER!r}); send at most "
+                f"{max(1, self.max_batch_elements // seq_len)} rows of this length per request"
+            )
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate and run one batch; raises InputError on bad inputs."""
@@ -152,7 +198,8 @@ class OnnxModel:
     def run_many(
         self, requests: Sequence[Mapping[str, np.ndarray]]
     ) -> list[dict[str, np.ndarray] | Exception]:
-        """Run several requests as one onnxruntime batch; per request its outputs or its error."""
+        """Run several requests as few onnxruntime batches as the budget allows; per request its
+        outputs or its error."""
         results: dict[int, dict[str, np.ndarray] | Exception] = {}
         for index, inputs in enumerate(requests):
             try:
@@ -160,8 +207,34 @@ class OnnxModel:
             except InputError as exc:
                 results[index] = exc
         valid = [index for index in range(len(requests)) if index not in results]
-        results.update(zip(valid, self._run_group([requests[i] for i in valid]), strict=True))
+        for run in self._split_within_budget(valid, requests):
+            results.update(zip(run, self._run_group([requests[i] for i in run]), strict=True))
         return [results[index] for index in range(len(requests))]
+
+    def _split_within_budget(
+        self, indices: list[int], requests: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[list[int]]:
+        """``indices`` cut into consecutive runs whose padded size (total rows x longest T) fits
+        the budget; every validated request fits it alone."""
+        runs: list[list[int]] = []
+        rows = seq_len = 0
+        for index in indices:
+            shape = self._batch_shape(requests[index])
+            grown_rows, grown_len = rows + shape[0], max(seq_len, shape[1])
+            if runs and grown_rows * grown_len <= self.max_batch_elements:
+                runs[-1].append(index)
+                rows, seq_len = grown_rows, grown_len
+            else:
+                runs.append([index])
+                rows, seq_len = shape
+        return runs
+
+    def _batch_shape(self, request: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """(rows, T) of a validated request; T = 1 for a model without a sequence axis."""
+        if self.sequence_input is None:
+            return len(request[self.inputs[0].name]), 1
+        rows, seq_len = request[self.sequence_input].shape[:2]
+        return rows, seq_len
 
     def _run_group(
         self, group: list[Mapping[str, np.ndarray]]
@@ -183,6 +256,29 @@ class OnnxModel:
             {name: value[start:stop] for name, value in zip(self.output_names, values, strict=True)}
             for start, stop in zip(rows[:-1], rows[1:], strict=True)
         ]
+
+
+def check_budget(max_batch_elements: int, max_len: int | None) -> int:
+    """The rows x positions budget, refused when it could not hold one full-length customer."""
+    if max_batch_elements < 1:
+        raise ValueError(f"{MAX_BATCH_ELEMENTS_PARAMETER}={max_batch_elements}: expected >= 1")
+    if max_len is not None and max_batch_elements < max_len:
+        raise ValueError(
+            f"{MAX_BATCH_ELEMENTS_PARAMETER}={max_batch_elements} is smaller than the model's "
+            f"max_len={max_len}: one customer with a full history would be refused"
+        )
+    return max_batch_elements
+
+
+def config_parameter(config: Mapping, name: str, default: int) -> int:
+    """An integer parameter of a model config in its JSON form, or ``default`` when unset."""
+    value = config.get("parameters", {}).get(name, {}).get("string_value", "")
+    try:
+        return int(value) if value != "" else default
+    except ValueError:
+        raise ValueError(
+            f"model config parameter {name!r} is {value!r}; expected an integer"
+        ) from None
 
 
 def _vocab_size(outputs: list[TensorSpec], metadata: Mapping) -> int | None:
@@ -256,14 +352,12 @@ def _check_values(array: np.ndarray, spec: TensorSpec, vocab_size: int | None) -
         )
 
 
-def _check_lengths(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> None:
+def _check_lengths(inputs: Mapping[str, np.ndarray], sequence_input: str | None) -> None:
     """Each row's length must be in [1, T], T being the sequence axis of the [B, T] inputs."""
-    if LENGTH_INPUT not in inputs:
+    if LENGTH_INPUT not in inputs or sequence_input is None:
         return
     lengths = inputs[LENGTH_INPUT]
-    seq_len = next((inputs[s.name].shape[1] for s in specs if len(s.shape) >= 2), None)
-    if seq_len is None:
-        return
+    seq_len = inputs[sequence_input].shape[1]
     bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
     if len(bad):
         row = bad[0]
@@ -300,15 +394,22 @@ class TritonPythonModel:
     """Triton python-backend entry point: one instance per model instance (stub process)."""
 
     def initialize(self, args: dict) -> None:
-        """Load this version's ``model.onnx``; ``intra_op_threads`` is a config parameter."""
+        """Load this version's ``model.onnx``; ``intra_op_threads`` and ``max_batch_elements``
+        are config parameters."""
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        parameters = config.get("parameters", {})
-        threads = int(parameters.get("intra_op_threads", {}).get("string_value", "1"))
-        self.model = OnnxModel(version_dir / "model.onnx", read_metadata(version_dir), threads)
+        threads = config_parameter(config, INTRA_OP_THREADS_PARAMETER, 1)
+        budget = config_parameter(config, MAX_BATCH_ELEMENTS_PARAMETER, DEFAULT_MAX_BATCH_ELEMENTS)
+        self.model = OnnxModel(
+            version_dir / "model.onnx",
+            read_metadata(version_dir),
+            threads,
+            max_batch_elements=budget,
+        )
         pb_utils.Logger.log_info(
             f"loaded {version_dir / 'model.onnx'} with onnxruntime {ort.__version__}, "
-            f"{threads} intra-op thread(s), vocab size {self.model.vocab_size}"
+            f"{threads} intra-op thread(s), vocab size {self.model.vocab_size}, "
+            f"max_len {self.model.max_len}, at most {budget} rows x events per run"
         )
 
     def execute(self, requests: list) -> list:
@@ -323,11 +424,12 @@ class TritonPythonModel:
 
     @staticmethod
     def _response(result: dict[str, np.ndarray] | Exception) -> pb_utils.InferenceResponse:
-        """An error response for an exception, else one holding the request's outputs."""
+        """An error response for an exception (INVALID_ARG for an InputError, else INTERNAL),
+        else one holding the request's outputs."""
         if isinstance(result, Exception):
-            return pb_utils.InferenceResponse(
-                output_tensors=[], error=pb_utils.TritonError(str(result))
-            )
+            error = pb_utils.TritonError
+            code = error.INVALID_ARG if isinstance(result, InputError) else error.INTERNAL
+            return pb_utils.InferenceResponse(output_tensors=[], error=error(str(result), code))
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()

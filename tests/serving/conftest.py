@@ -17,9 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fintwin.data.features import SEQUENCE_INPUTS
-from fintwin.export.triton_repo import write_model_version
+from fintwin.export.triton_repo import (
+    CONFIG_NAME,
+    format_model_config,
+    read_model_config,
+    write_model_version,
+)
 from fintwin.models.module import OUTPUT_NAMES, ROW_INPUTS
 from fintwin.serving.client import InProcessRunner, TritonTransport
+from fintwin.serving.python_model import MAX_BATCH_ELEMENTS_PARAMETER
 from fintwin.serving.server import EmbeddedTriton
 
 MODEL_NAME = "twin"
@@ -28,6 +34,8 @@ SEQ_INPUTS = SEQUENCE_INPUTS
 MAX_BATCH_SIZE = 64
 PREFERRED_BATCH_SIZES = (8, 32)
 MAX_QUEUE_DELAY_US = 200
+MAX_LEN = 256  # fintwin.json: longer sequences are refused
+MAX_BATCH_ELEMENTS = 8192  # config parameter: rows x events per request and per run
 
 
 class StandInTwin(nn.Module):
@@ -174,6 +182,8 @@ class StandIn:
 
     model_name = MODEL_NAME
     vocab_size = VOCAB_SIZE
+    max_len = MAX_LEN
+    max_batch_elements = MAX_BATCH_ELEMENTS
     output_names = OUTPUT_NAMES
     random_inputs = staticmethod(random_inputs)
     assert_outputs_equal = staticmethod(assert_outputs_equal)
@@ -193,8 +203,13 @@ def standin_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory, standin_onnx: Path) -> Path:
+    """The stand-in exported with ``max_len`` and a ``max_batch_elements`` budget in its config."""
     repo = tmp_path_factory.mktemp("model_repository")
-    metadata = {"vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)}, "horizon_days": 90.0}
+    metadata = {
+        "vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)},
+        "horizon_days": 90.0,
+        "max_len": MAX_LEN,
+    }
     write_model_version(
         repo,
         MODEL_NAME,
@@ -205,6 +220,10 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, standin_onnx: Path) -> 
         preferred_batch_sizes=PREFERRED_BATCH_SIZES,
         max_queue_delay_us=MAX_QUEUE_DELAY_US,
     )
+    config_path = repo / MODEL_NAME / CONFIG_NAME
+    config = read_model_config(config_path)
+    config.parameters[MAX_BATCH_ELEMENTS_PARAMETER].string_value = str(MAX_BATCH_ELEMENTS)
+    config_path.write_text(format_model_config(config))
     return repo
 
 

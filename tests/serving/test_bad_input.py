@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fintwin.serving import python_model
-from fintwin.serving.client import InferenceError, TritonTransport
+from fintwin.serving.client import InferenceError, InvalidRequestError, TritonTransport
 from fintwin.serving.python_model import InputError, OnnxModel
 
 Inputs = dict[str, np.ndarray]
@@ -78,7 +78,7 @@ def test_bad_request_gets_clear_error_and_next_request_succeeds(
 ):
     good = standin.random_inputs(rng, batch=3, seq=5, lengths=[5, 2, 4])
 
-    with pytest.raises(InferenceError) as error:
+    with pytest.raises(InvalidRequestError) as error:  # 400 / INVALID_ARGUMENT when served
         scorer.infer(corrupt(good))
 
     message = str(error.value)
@@ -123,7 +123,13 @@ class _FakeBackend:
     """Just enough of triton_python_backend_utils to call TritonPythonModel.execute."""
 
     class TritonError(Exception):
-        """Stands in for pb_utils.TritonError."""
+        """Stands in for pb_utils.TritonError(message, code=INTERNAL)."""
+
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str = "INTERNAL") -> None:
+            super().__init__(message)
+            self.code = code
 
     class Tensor(SimpleNamespace):
         def __init__(self, name: str, array: np.ndarray) -> None:
@@ -157,6 +163,7 @@ def test_execute_answers_every_request_even_when_the_model_raises(
     responses = triton_model.execute([_FakeRequest(good), _FakeRequest(bad)])
 
     assert responses[1].error is not None and "length" in str(responses[1].error)
+    assert responses[1].error.code == "INVALID_ARG"  # the client's fault: HTTP 400
     assert responses[0].error is None
     assert [t.name for t in responses[0].output_tensors] == list(standin.output_names)
 
@@ -166,3 +173,4 @@ def test_execute_answers_every_request_even_when_the_model_raises(
     monkeypatch.setattr(triton_model.model, "run_many", explode)
     responses = triton_model.execute([_FakeRequest(good), _FakeRequest(good)])
     assert [str(r.error) for r in responses] == ["internal error: boom"] * 2
+    assert [r.error.code for r in responses] == ["INTERNAL"] * 2  # ours: HTTP 500
