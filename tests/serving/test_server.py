@@ -224,9 +224,7 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(standin_onnx, stan
                 )
             for _ in jobs:
                 assert done.acquire(timeout=30)
-            stats = client.get_inference_statistics(standin.model_name, as_json=True)[
-                "model_stats"
-            ][0]
+            stats = settled_statistics(client, standin.model_name, inferences=len(jobs))
         finally:
             client.close()
 
@@ -236,6 +234,17 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(standin_onnx, stan
         standin.assert_outputs_equal(got, expected)
     assert int(stats["inference_count"]) == 4
     assert int(stats["execution_count"]) == 1
+
+
+def settled_statistics(client, model: str, inferences: int, attempts: int = 50) -> dict:
+    """The model's statistics once Triton has recorded ``inferences`` requests (it records them
+    just after sending the responses), or the last ones read after ``attempts`` polls."""
+    for _ in range(attempts):
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        if int(stats.get("inference_count", 0)) >= inferences:
+            break
+        time.sleep(0.1)
+    return stats
 
 
 def _grpc_inputs(inputs: dict[str, np.ndarray]) -> list:
