@@ -26,7 +26,8 @@ def _data_summary(args: argparse.Namespace) -> int:
     from fintwin.data.sources import CDNOW_FILES, CDNOW_SCHEMA, load_events
 
     schema = CDNOW_SCHEMA if args.source in CDNOW_FILES else EventSchema(
-        numeric_features=args.numeric or [], categorical_features=args.categorical or [])
+        numeric_features=args.numeric or [], categorical_features=args.categorical or [],
+        day_first=args.day_first, decimal=args.decimal)
     events, report = load_events(args.source, schema, same_day_merge=args.merge_same_day)
     console = Console()
     table = Table(title=f"{args.source}: event data summary", show_header=False)
@@ -59,6 +60,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     summary.add_argument("--categorical", nargs="*", help="declared categorical feature columns")
     summary.add_argument("--merge-same-day", action="store_true",
                          help="merge a customer's same-type events of the same day")
+    order = summary.add_mutually_exclusive_group()
+    order.add_argument("--day-first", dest="day_first", action="store_const", const=True,
+                       help="numeric dates are day first (31/12/2024) when the values leave it open")
+    order.add_argument("--month-first", dest="day_first", action="store_const", const=False,
+                       help="numeric dates are month first (12/31/2024) when the values leave it open")
+    summary.add_argument("--decimal", choices=[".", ","],
+                         help="decimal mark of text numbers when the values leave it open (1,234)")
     summary.set_defaults(handler=_data_summary)
 
 

@@ -67,3 +67,18 @@ def test_bad_csv_names_file(tmp_path):
     path.write_text("customer_id,timestamp,event_type\n1,2024-01-01,a\n")
     with pytest.raises(FintwinInputError, match=r"bad.csv, column 'amount': missing required column"):
         load_events(str(path))
+
+
+def test_parquet_column_names_match_ignoring_whitespace_and_case(tmp_path, events):
+    path = tmp_path / "events.parquet"
+    events.rename(columns={"customer_id": "Customer_ID ", "amount": "AMOUNT"}).assign(blob="x").to_parquet(path)
+    raw = read_parquet(path, EventSchema().columns)
+    assert list(raw.columns) == EventSchema().columns and raw["amount"].equals(events["amount"])
+
+
+def test_csv_errors_name_file_lines(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("customer_id,timestamp,event_type,amount\na,2024-01-01,buy,1\nb,,buy,2\n")
+    with pytest.raises(FintwinInputError, match=r"column 'timestamp': missing timestamp; .*first offending "
+                                                r"lines: 3\)"):
+        load_events(str(path))
