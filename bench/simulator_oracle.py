@@ -8,15 +8,8 @@ import time
 
 import pandas as pd
 
-from fintwin.data.simulator import (
-    SEGMENTS,
-    SimulatorConfig,
-    customer_segments,
-    fit_marginal_baseline,
-    nll_per_event,
-    oracle_log_likelihood,
-    simulate,
-)
+from fintwin.data.oracle import fit_marginal_baseline, nll_per_event, oracle_log_likelihood
+from fintwin.data.simulator import SEGMENTS, SimulatorConfig, customer_segments, simulate
 
 
 def _timed(fn, *args):

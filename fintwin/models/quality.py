@@ -1,8 +1,15 @@
-"""Model quality against plain baselines (and, on simulated data, the true process).
+"""Model quality on the test customers: plain baselines, gap calibration and, on simulated
+data, the comparison with the true process.
 
 All time NLLs follow the model's normalisation: (sum of -log densities of observed next
 gaps + sum of -log survival of each customer's censored last gap) / number of observed next
 events, on the test customers' calibration events.
+
+On simulated data the model, the oracle and the history-free baseline
+(``fintwin.data.oracle``) are scored on the same terms: for every test customer the events
+inside the model's ``max_len`` window (each event after the window's first) plus the
+censored gap after the last event. All three NLLs are (sum of -log p(type, gap, amount) over
+scored events + sum of -log survival of censored gaps) / number of scored events, in nats.
 """
 
 from __future__ import annotations
@@ -10,11 +17,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
 from fintwin.data.datamodule import EventDataModule
-from fintwin.data.sequences import MIN_GAP_DAYS, fit_population_gaps, training_gaps
+from fintwin.data.features import customer_groups
+from fintwin.data.oracle import fit_marginal_baseline, oracle_log_likelihood
+from fintwin.data.sequences import (
+    MIN_GAP_DAYS,
+    calibration_events,
+    fit_population_gaps,
+    training_gaps,
+)
+from fintwin.data.simulator import SimulatorConfig
 from fintwin.models.heads import at_positions
 from fintwin.models.module import TwinModule, observed_next_events
 
@@ -114,12 +130,50 @@ def gap_calibration(model: TwinModule, datamodule: EventDataModule) -> dict[str,
     }
 
 
+def _customer_events(events: pd.DataFrame, customer_ids: np.ndarray) -> pd.DataFrame:
+    return events[events["customer_id"].isin(set(customer_ids))].reset_index(drop=True)
+
+
+def _scored_nll(frame: pd.DataFrame, scored_per_customer: pd.Series) -> float:
+    """NLL per event of an oracle-style frame, keeping only each customer's last k events."""
+    _, counts = customer_groups(frame["customer_id"].to_numpy())
+    from_end = np.repeat(np.cumsum(counts), counts) - np.arange(len(frame)) - 1
+    keep = from_end < np.repeat(scored_per_customer.to_numpy(), counts)
+    events_ll = frame["log_p_event"].to_numpy()[keep & ~np.isnan(frame["log_p_event"].to_numpy())]
+    censored = np.nansum(frame["log_p_censored"].to_numpy())
+    return float(-(events_ll.sum() + censored) / max(len(events_ll), 1))
+
+
+def oracle_comparison(model: TwinModule, datamodule: EventDataModule) -> dict[str, float]:
+    """``test/model_nll``, ``test/oracle_nll``, ``test/marginal_nll`` and ``test/oracle_skill``."""
+    config = datamodule.simulator or SimulatorConfig()
+    end = datamodule.sequences.observation_end
+    calib = calibration_events(datamodule.events, datamodule.cutoff)
+    ids = datamodule.sequences.customer_ids
+    test_ids, train_ids = ids[datamodule.splits["test"]], ids[datamodule.splits["train"]]
+    test_events = _customer_events(calib, test_ids)
+
+    terms = model_event_log_likelihood(model, datamodule)
+    model_ll = terms["type"] + terms["gap"] + terms["amount"] + terms["censored"]
+    n_scored = terms["observed"].sum(axis=1)
+    model_nll = float(-model_ll.sum() / max(n_scored.sum(), 1))
+
+    scored = pd.Series(n_scored, index=test_ids).sort_index()
+    oracle_nll = _scored_nll(oracle_log_likelihood(test_events, config, observation_end=end), scored)
+    baseline = fit_marginal_baseline(_customer_events(calib, train_ids), end)
+    marginal_nll = _scored_nll(baseline.log_likelihood(test_events, end), scored)
+    return {
+        "test/model_nll": model_nll,
+        "test/oracle_nll": oracle_nll,
+        "test/marginal_nll": marginal_nll,
+        "test/oracle_skill": (marginal_nll - model_nll) / (marginal_nll - oracle_nll),
+    }
+
+
 def quality_report(model: TwinModule, datamodule: EventDataModule) -> dict[str, float]:
     """Baseline comparisons and gap calibration for metrics.json (oracle terms on simulated
     data)."""
     metrics = gap_baselines(datamodule) | gap_calibration(model, datamodule)
     if datamodule.source == "synthetic":
-        from fintwin.models.oracle_comparison import oracle_comparison
-
         metrics.update(oracle_comparison(model, datamodule))
     return metrics
