@@ -57,13 +57,6 @@ def normal_cdf(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
 
 
-def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Sample a category per row of ``logits`` (last dim) with the Gumbel-max trick."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-12, max=1.0 - 1e-7)))
-    return torch.argmax(logits + gumbel, dim=-1)
-
-
 class TypeHead(nn.Module):
     """Categorical logits over the vocabulary; id 0 (padding) can never be predicted."""
 
@@ -160,16 +153,6 @@ class GapDistribution:
             low = low + (erf_mix < threshold).sum(dim=-1) * width
         return torch.exp(low + 0.5 * width).clamp(min=MIN_GAP_DAYS)
 
-    def sample(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Sample ``(gap_days, dormant)``; the gap is drawn given return for every row."""
-        component = gumbel_argmax(self.log_weights, generator).unsqueeze(-1)
-        loc = self.loc.gather(-1, component).squeeze(-1)
-        scale = torch.exp(self.log_scale.gather(-1, component).squeeze(-1))
-        noise = torch.randn(loc.shape, generator=generator, device=loc.device)
-        gap = torch.exp(loc + scale * noise).clamp(min=MIN_GAP_DAYS)
-        uniform = torch.rand(loc.shape, generator=generator, device=loc.device)
-        return gap, uniform < self.dormant_prob
-
 
 class TimeHead(nn.Module):
     """Intensity-free TPP head (Shchur et al., 2020): log-normal mixture + dormancy.
@@ -245,15 +228,6 @@ class AmountDistribution:
     def marginal_mean(self, type_probs: Tensor) -> Tensor:
         """Expected next amount marginalised over the type: ``sum_k p(k) E[amount | k]``."""
         return (type_probs * self.mean()).sum(dim=-1)
-
-    def sample(self, event_type: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Sample an amount for each row given its (sampled) next type."""
-        loc = self._at(self.loc, event_type)
-        scale = torch.exp(self._at(self.log_scale, event_type))
-        noise = torch.randn(loc.shape, generator=generator, device=loc.device)
-        uniform = torch.rand(loc.shape, generator=generator, device=loc.device)
-        is_zero = uniform < torch.sigmoid(self._at(self.zero_logit, event_type))
-        return torch.where(is_zero, torch.zeros_like(loc), torch.exp(loc + scale * noise))
 
 
 class AmountHead(nn.Module):

@@ -71,7 +71,6 @@ from fintwin.models.heads import (
     TimeHead,
     TypeHead,
     at_positions,
-    gumbel_argmax,
 )
 
 LOSS_TERMS = ("type", "time", "amount", "churn", "horizon")
@@ -161,13 +160,6 @@ class HeadOutputs:
     amount: AmountDistribution
     churn_logit: Tensor
     horizon: HorizonPrediction
-
-    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Sample the next event: ``event_type``, ``gap`` (days), ``dormant``, ``amount``."""
-        event_type = gumbel_argmax(self.type_logits, generator)
-        gap, dormant = self.gap.sample(generator)
-        amount = self.amount.sample(event_type, generator)
-        return {"event_type": event_type, "gap": gap, "dormant": dormant, "amount": amount}
 
 
 def observed_next_events(batch: Mapping[str, Tensor]) -> Tensor:

@@ -1,4 +1,5 @@
-"""Heads: the distributions are normalised and their summaries agree with sampling."""
+"""Heads: the distributions are normalised and their summaries agree with the rollout's
+samplers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fintwin.models.heads import (
     poisson_nll,
     tweedie_deviance,
 )
+from fintwin.twin.rollout import N_NOISE, sample_amount, sample_gap, sample_gap_beyond
 
 
 @pytest.fixture
@@ -39,6 +41,11 @@ def amount() -> AmountDistribution:
         loc=torch.tensor([[3.0, 1.0, 0.0], [2.0, 4.0, 1.5]]),
         log_scale=torch.tensor([[-0.5, 0.0, -1.0], [-0.2, -0.7, -0.4]]),
     )
+
+
+def _noise(rows: int, seed: int) -> torch.Tensor:
+    """Uniforms for ``rows`` draws, laid out as the rollout draws them."""
+    return torch.rand((rows, N_NOISE), generator=torch.Generator().manual_seed(seed))
 
 
 def _apply(distribution, fn):
@@ -69,7 +76,7 @@ def test_censored_survival_is_dormancy_plus_unobserved_tail(gap):
     torch.testing.assert_close(tiny, torch.zeros(3), atol=1e-6, rtol=0)
 
 
-def test_quantiles_invert_the_cdf_and_match_sampling(gap):
+def test_quantiles_invert_the_cdf_and_match_the_rollout_sampler(gap):
     levels = torch.tensor([0.1, 0.5, 0.9])
     quantiles = gap.quantiles(levels)
     assert quantiles.shape == (3, 3)
@@ -77,18 +84,21 @@ def test_quantiles_invert_the_cdf_and_match_sampling(gap):
     cdf = gap.cdf_given_return(quantiles.T.contiguous()).T
     torch.testing.assert_close(cdf, levels.expand(3, 3), atol=1e-5, rtol=0)
     n = 40000
-    expanded = _apply(gap, lambda t: t.expand(n, *t.shape))
-    samples, _ = expanded.sample(torch.Generator().manual_seed(0))
-    below = (samples.unsqueeze(-1) <= quantiles).float().mean(0)
+    samples = sample_gap(gap, torch.arange(3).repeat(n), _noise(3 * n, seed=0)).view(n, 3)
+    below = (samples.unsqueeze(-1) <= quantiles.double()).float().mean(0)
     torch.testing.assert_close(below, levels.expand(3, 3), atol=0.01, rtol=0)
 
 
-def test_mean_and_dormancy_match_monte_carlo(gap):
+def test_rollout_gap_samplers_match_the_mean_and_dormancy(gap):
+    """Both gap samplers of the rollout; after a vanishing silence the first gap and the
+    dormancy are those of the unconditioned distribution."""
     n = 200000
-    expanded = _apply(gap, lambda t: t.expand(n, *t.shape))
-    samples, dormant = expanded.sample(torch.Generator().manual_seed(1))
-    torch.testing.assert_close(samples.mean(0), gap.mean(), rtol=0.03, atol=0)
-    torch.testing.assert_close(dormant.float().mean(0), gap.dormant_prob, atol=0.005, rtol=0)
+    rows = torch.arange(3).repeat(n)
+    samples = sample_gap(gap, rows, _noise(3 * n, seed=1)).view(n, 3)
+    torch.testing.assert_close(samples.mean(0).float(), gap.mean(), rtol=0.03, atol=0)
+    first, p_dormant = sample_gap_beyond(gap, torch.full((3,), 1e-3), rows, _noise(3 * n, seed=2))
+    torch.testing.assert_close(first.view(n, 3).mean(0).float(), gap.mean(), rtol=0.03, atol=0)
+    torch.testing.assert_close(p_dormant[:3].float(), gap.dormant_prob, atol=1e-6, rtol=0)
 
 
 def test_statistics_at_selected_positions_equal_the_full_ones_indexed(gap, amount):
@@ -120,11 +130,10 @@ def test_amount_distribution_is_normalised_per_type(amount):
     torch.testing.assert_close(zero_mass, torch.sigmoid(amount.zero_logit))
 
 
-def test_amount_mean_and_marginal_match_monte_carlo(amount):
+def test_amount_mean_and_marginal_match_the_rollout_sampler(amount):
     n = 200000
     event_type = torch.tensor([0, 1, 2]).repeat(n // 3 + 1)[:n]
-    rows = _apply(amount, lambda t: t[0].expand(n, 3))
-    samples = rows.sample(event_type, torch.Generator().manual_seed(2))
+    samples = sample_amount(amount, torch.zeros(n, dtype=torch.long), event_type, _noise(n, seed=2))
     per_type = torch.stack([samples[event_type == k].mean() for k in range(3)])
     torch.testing.assert_close(per_type, amount.mean()[0], rtol=0.03, atol=0)
     probs = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
