@@ -278,7 +278,12 @@ def _naive_utc(parsed: pd.Series) -> pd.Series:
 
 
 def _naive_iso(col: pd.Series) -> pd.Series | None:
-    """The common case in one pandas call: every value a naive ISO-8601 string (else None)."""
+    """The common case in one pandas call: every value a naive ISO-8601 string (else None).
+
+    pandas gives later naive values the first value's offset, so a first value with an
+    offset goes the careful way."""
+    if len(col) and ISO_OFFSET.search(str(col.iloc[0])[10:]):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -394,10 +399,11 @@ def parse_timestamps(col: pd.Series, source: str, name: str = "timestamp",
     if empty.any():
         raise EventValidationError(source, name, f"missing timestamp; expected {TIMESTAMP_FORMS}",
                                    _offending(empty, col.index))
-    numbers = _to_float(text.str.replace(",", ".", regex=False))  # 45292,5 from a ';' file
-    if not np.isnan(numbers).any():
-        return _excel_serials(pd.Series(numbers, index=col.index), name, source)
     iso = text.str.match(ISO_DATE).to_numpy(dtype=bool)
+    if not iso.any():
+        numbers = _to_float(text.str.replace(",", ".", regex=False))  # 45292,5 from a ';' file
+        if not np.isnan(numbers).any():
+            return _excel_serials(pd.Series(numbers, index=col.index), name, source)
     aware = iso & text.str.slice(10).str.contains(ISO_OFFSET).to_numpy(dtype=bool)
     _refuse_aware_with_naive(text, aware, name, source)
     parsed = np.full(len(text), np.datetime64("NaT"), dtype="datetime64[ns]")

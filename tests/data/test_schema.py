@@ -199,3 +199,8 @@ def test_total_row_refused_in_a_table():
 def test_unknown_decimal_mark_refused():
     with pytest.raises(FintwinInputError, match="decimal=';': expected"):
         EventSchema(decimal=";")
+
+
+def test_parsers_take_empty_columns():
+    assert parse_timestamps(pd.Series([], dtype=object), "f").dtype == "datetime64[ns]"
+    assert parse_numbers(pd.Series([], dtype=object), "amount", "f").dtype == "float64"
