@@ -15,6 +15,8 @@ import pandas as pd
 
 PAD_ID = 0
 OOV_ID = 1
+PAD_LABEL = "<pad>"  # the type name shown for PAD_ID
+OOV_LABEL = "<oov>"  # the type name shown for OOV_ID (a type unknown to the vocabulary)
 NS_PER_DAY = 86_400 * 10**9
 MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clamped to it)
 SEQUENCE_INPUTS = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour")
@@ -35,6 +37,10 @@ class Vocab:
     def size(self) -> int:
         """Number of ids including padding and OOV."""
         return len(self.tokens) + 2
+
+    def labels(self) -> np.ndarray:
+        """Name of every id, indexable by id: PAD_LABEL, OOV_LABEL, then the known types."""
+        return np.array([PAD_LABEL, OOV_LABEL, *self.tokens], dtype=object)
 
     def encode(self, event_types: pd.Series | np.ndarray) -> np.ndarray:
         """Vectorised lookup: unknown types map to OOV_ID."""

@@ -328,7 +328,7 @@ class TwinClient:
 
     def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = outputs["next_event_probs"]
-        names = np.array(["<pad>", "<oov>", *Vocab.from_dict(self.settings["vocab"]).tokens], dtype=object)
+        names = Vocab.from_dict(self.settings["vocab"]).labels()
         ranked = np.where(np.arange(probs.shape[1]) == 0, -1.0, probs)  # padding is never a type
         top = np.argsort(-ranked, axis=1)[:, : min(self.top_k, probs.shape[1] - 1)]
         frame = {"customer_id": customer_ids}

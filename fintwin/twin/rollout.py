@@ -53,8 +53,6 @@ from fintwin.models.module import TwinModule
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_TYPE = "<unknown>"
-PADDING_TYPE = "<padding>"
 MAX_CHUNK_PATHS = 2**18
 # Noise slots per path and step: uniforms for the type, mixture component, dormancy, gap
 # (a normal quantile, or the tail probability of the first gap), zero amount, amount value.
@@ -132,11 +130,6 @@ class HistorySpec:
             max_len=self.max_len,
             numeric_features=list(self.numeric_features),
         )
-
-
-def type_names(vocab: Vocab) -> np.ndarray:
-    """Event-type name of every vocabulary id (padding and OOV included)."""
-    return np.array([PADDING_TYPE, UNKNOWN_TYPE, *vocab.tokens], dtype=object)
 
 
 @dataclass
@@ -780,7 +773,7 @@ def paths_frame(
             "customer_id": sequences.customer_ids[paths["customer"]],
             "sample": paths["sample"].astype(np.int32),
             "timestamp": pd.to_datetime(start.value + offset),
-            "event_type": type_names(vocab)[paths["event_type"]].astype(str),
+            "event_type": vocab.labels()[paths["event_type"]].astype(str),
             "amount": paths["amount"].astype(np.float64),
             "injected": paths["injected"],
         }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from fintwin.data.features import OOV_ID, OOV_LABEL, PAD_ID, PAD_LABEL
 from fintwin.data.sequences import build_sequences
 from fintwin.errors import FintwinInputError
 from fintwin.twin.rollout import Calendar, RolloutConfig, model_device, rollout, step_inputs
@@ -104,6 +105,21 @@ def test_paths_move_forward_inside_the_window_and_match_the_summary() -> None:
     np.testing.assert_allclose(result.daily_transactions.reindex(daily.index), daily)
     assert result.daily_transactions.index[-1] == pd.Timestamp(HORIZON_END)
     assert summary["count_q50"].between(summary["count_q10"], summary["count_q90"]).all()
+
+
+def test_sampled_types_are_named_by_the_vocabulary_labels() -> None:
+    """Ids name types as everywhere else (the client's top types): OOV_LABEL for an unknown
+    type, PAD_LABEL for padding."""
+    labels = VOCAB.labels()
+    assert labels[[PAD_ID, OOV_ID]].tolist() == [PAD_LABEL, OOV_LABEL] == ["<pad>", "<oov>"]
+    assert labels[VOCAB.encode(["salary", "atm", "card"])].tolist() == ["salary", "<oov>", "card"]
+    model = fix_heads(build_twin(), KnownHeads())
+    with torch.no_grad():
+        model.type_head.linear.bias[OOV_ID] = 40.0  # a twin that predicts unknown types only
+    sequences = SPEC.sequences(history_events([1.0]), CUTOFF)
+    config = RolloutConfig(samples=5, keep_paths=True)
+    paths = rollout(model, sequences, VOCAB, HORIZON_END, config).paths
+    assert len(paths) > 5 and set(paths["event_type"]) == {OOV_LABEL}
 
 
 def test_max_steps_caps_paths_and_reports_them() -> None:
