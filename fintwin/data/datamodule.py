@@ -62,12 +62,13 @@ def split_customers(n: int, fractions: SplitFractions, seed: int) -> dict[str, n
     }
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of customers of similar length (less padding), in shuffled order.
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled training batches that depend only on (seed, epoch, rank), resumable mid-epoch.
 
-    Customers are shuffled, cut into chunks of ``bucket_batches`` batches, sorted by length
-    inside each chunk, batched, and the batches shuffled. With several processes each rank
-    takes every ``num_replicas``-th batch.
+    Customers are shuffled, cut into chunks of ``bucket_batches`` batches, (with
+    ``by_length``: sorted by length inside each chunk, for less padding), batched, and the
+    batches shuffled. With several processes each rank takes every ``num_replicas``-th batch.
+    ``skip`` batches of the epoch are left out once (set when a run resumes mid-epoch).
     """
 
     def __init__(
@@ -75,17 +76,26 @@ class BucketBatchSampler(Sampler[list[int]]):
         lengths: np.ndarray,
         batch_size: int,
         seed: int,
+        by_length: bool = False,
         bucket_batches: int = 50,
         num_replicas: int = 1,
         rank: int = 0,
     ):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.bucket_batches, self.num_replicas, self.rank = bucket_batches, num_replicas, rank
-        self.epoch = 0
+        self.by_length, self.bucket_batches = by_length, bucket_batches
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.skip = 0, 0
+
+    @property
+    def sampler(self) -> EpochBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on a loader's ``batch_sampler.sampler``."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle differently each epoch (called by the DataModule)."""
-        self.epoch = epoch
+        """Reshuffle for ``epoch`` (Lightning calls this as each epoch starts); a new epoch
+        starts at its first batch."""
+        if epoch != self.epoch:
+            self.epoch, self.skip = epoch, 0
 
     def _batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng(self.seed + self.epoch)
@@ -94,22 +104,51 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = []
         for lo in range(0, len(order), chunk):
             part = order[lo : lo + chunk]
-            part = part[np.argsort(self.lengths[part], kind="stable")]
+            if self.by_length:
+                part = part[np.argsort(self.lengths[part], kind="stable")]
             batches.extend(np.array_split(part, max(1, -(-len(part) // self.batch_size))))
         rng.shuffle(batches)
-        usable = (
-            len(batches) - len(batches) % self.num_replicas
-            if self.num_replicas > 1
-            else len(batches)
-        )
-        return batches[self.rank : usable : self.num_replicas]
+        return batches[self.rank : self._usable(len(batches)) : self.num_replicas]
+
+    def _usable(self, n_batches: int) -> int:
+        """Batches dealt to the ranks: a multiple of ``num_replicas``, so all ranks step alike."""
+        return n_batches - n_batches % self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._batches():
+        skip, self.skip = self.skip, 0
+        for batch in self._batches()[skip:]:
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        # every full chunk holds exactly bucket_batches batches, so the total is ceil(n / size)
+        n_batches = -(-len(self.lengths) // self.batch_size)
+        return self._usable(n_batches) // self.num_replicas
+
+
+class ResumableLoader(DataLoader):
+    """Training DataLoader over an ``EpochBatchSampler`` that knows its place in the epoch
+    (``state_dict``: the batches handed out, not those its workers prefetched), so that a run
+    resumed mid-epoch (``fintwin.training.ExactResume``) goes on with the next batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._place = {"epoch": self.batch_sampler.epoch, "batches_done": 0}
+
+    def __iter__(self) -> Iterator:
+        sampler = self.batch_sampler
+        self._place = {"epoch": sampler.epoch, "batches_done": sampler.skip}
+        for batch in super().__iter__():
+            self._place["batches_done"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the number of its batches handed out so far."""
+        return dict(self._place)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state``'s epoch after its ``batches_done`` batches."""
+        self._place = dict(state)
+        self.batch_sampler.epoch, self.batch_sampler.skip = state["epoch"], state["batches_done"]
 
 
 class CustomerIndex(torch.utils.data.Dataset):
@@ -270,7 +309,7 @@ class EventDataModule(pl.LightningDataModule):
         return self.sequences.batch(np.asarray(index))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        """Bucketed batches for training; plain order otherwise; rank-aware under DDP.
+        """Seeded, resumable shuffled batches for training; plain order otherwise; rank-aware.
 
         The samplers shard by rank themselves, so DDP runs set
         ``trainer.use_distributed_sampler=false``.
@@ -284,29 +323,29 @@ class EventDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-        if train and self.bucket_by_length:
-            sampler = BucketBatchSampler(
+        if train:
+            sampler = EpochBatchSampler(
                 self.sequences.lengths[index],
                 self.batch_size,
                 self.seed,
+                by_length=self.bucket_by_length,
                 num_replicas=world,
                 rank=rank,
             )
-            return DataLoader(CustomerIndex(index), batch_sampler=sampler, **common)
+            return ResumableLoader(
+                CustomerIndex(index),
+                batch_sampler=sampler,
+                generator=torch.Generator().manual_seed(self.seed),  # not the global RNG
+                **common,
+            )
         if world > 1:
             shard = DistributedSampler(
-                CustomerIndex(index), num_replicas=world, rank=rank, shuffle=train, seed=self.seed
+                CustomerIndex(index), num_replicas=world, rank=rank, shuffle=False
             )
             return DataLoader(
                 CustomerIndex(index), batch_size=self.batch_size, sampler=shard, **common
             )
-        return DataLoader(
-            CustomerIndex(index),
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed),
-            **common,
-        )
+        return DataLoader(CustomerIndex(index), batch_size=self.batch_size, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
