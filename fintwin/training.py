@@ -2,6 +2,11 @@
 
 ``train.py`` is the Hydra entry point; this module holds the reusable steps so tests can
 drive a run through Hydra's compose API.
+
+Runs repeat exactly: the same command and seed on the same machine write the same
+metrics.json on CPU (``trainer.deterministic``, seeded samplers), and a run resumed from
+any checkpoint, mid-epoch included, continues as the uninterrupted run would (the training
+loader's place in the epoch and the random generators' states are checkpointed).
 """
 
 from __future__ import annotations
@@ -9,15 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fintwin.data.datamodule import ResumableLoader
 from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.encoders import ENCODERS
@@ -25,15 +33,27 @@ from fintwin.models.encoders import ENCODERS
 log = logging.getLogger(__name__)
 
 
+def _lands_on_cuda(accelerator: str) -> bool:
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def precision_for(accelerator: str) -> str:
     """bf16-mixed where the run lands on a bf16-capable CUDA GPU, fp32 otherwise."""
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    on_gpu = _lands_on_cuda(accelerator)
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def deterministic_for(accelerator: str) -> bool | str:
+    """``True`` off CUDA (reruns are bit-identical); ``"warn"`` on CUDA, where deterministic
+    kernels are used where they exist and the others (the float cumulative sums of the
+    encoders among them) warn instead of raising."""
+    return "warn" if _lands_on_cuda(accelerator) else True
 
 
 def register_resolvers() -> None:
     """OmegaConf resolvers used by the configs."""
     OmegaConf.register_new_resolver("fintwin_precision", precision_for, replace=True)
+    OmegaConf.register_new_resolver("fintwin_deterministic", deterministic_for, replace=True)
 
 
 def _require(cfg: DictConfig, key: str, ok, expected: str) -> None:
@@ -75,6 +95,64 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def random_states() -> dict[str, Any]:
+    """States of the global random generators (torch, CUDA, NumPy, Python), as plain tensors
+    and tuples so that checkpoints holding them load with ``weights_only``."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore what ``random_states`` returned."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"])
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+class ExactResume(pl.Callback):
+    """Puts into every checkpoint what a resumed run needs, beyond Lightning's own state, to
+    go on exactly as the uninterrupted run: the global random generators' states and the
+    training loader's place in its epoch, both restored as training starts again.
+
+    (Lightning saves a stateful loader's place itself but does not restore it when
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, as ours does:
+    Lightning-AI/pytorch-lightning#20550.)
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        loader = self._trainer.train_dataloader if self._trainer else None
+        place = loader.state_dict() if isinstance(loader, ResumableLoader) else None
+        return {"random": random_states(), "train_loader": place}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is None:
+            return
+        loader = trainer.train_dataloader
+        if self._pending["train_loader"] is not None and isinstance(loader, ResumableLoader):
+            loader.load_state_dict(self._pending["train_loader"])
+        set_random_states(self._pending["random"])
+        self._pending = None
+
+
 def _instantiate_all(section: DictConfig | None) -> list:
     return [instantiate(item) for item in (section or {}).values() if item and "_target_" in item]
 
@@ -103,16 +181,28 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return getattr(callback, "best_model_path", None) or None
 
 
+def _relative_path(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies inside it, as given otherwise."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train, test with the best checkpoint, write metrics.json and config.yaml; return metrics."""
+    """Train, test with the best checkpoint, write metrics.json and config.yaml; return metrics.
+
+    ``best_checkpoint`` in the metrics is relative to the run directory (``paths.output_dir``),
+    so reruns of one command write identical files.
+    """
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = _best_checkpoint(trainer)
     if cfg.get("test"):
-        best = _best_checkpoint(trainer)
         if best:  # the served weights; trainer.test(ckpt_path=) restores the raw ones under EMA
             model.load_state_dict(read_checkpoint(best)["state_dict"])
         results = trainer.test(model, datamodule=datamodule, verbose=False)
@@ -120,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from fintwin.models.quality import quality_report
 
         metrics.update(quality_report(model, datamodule))
-    metrics["best_checkpoint"] = _best_checkpoint(trainer) or ""
+    metrics["best_checkpoint"] = _relative_path(best, out_dir) if best else ""
     if trainer.is_global_zero:
         write_json_atomic(out_dir / "metrics.json", metrics)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,6 +1,7 @@
 """train.py end to end through Hydra's compose API (and as a process for sweeps and DDP)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_train_end_to_end(tmp_path, events_csv, model):
     ):
         assert key in saved and saved[key] == pytest.approx(metrics[key])
     assert 0 <= saved["test/type_acc"] <= 1 and saved["test/time_mae"] > 0
+    assert (tmp_path / saved["best_checkpoint"]).is_file()  # relative to the run directory
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert f"name: {model}" in (tmp_path / "config.yaml").read_text()
 
@@ -82,7 +84,7 @@ def test_test_metrics_score_the_served_weights(tmp_path, events_csv):
     cfg = compose_cfg(tmp_path, tiny_overrides(events_csv, "lstm"))
     metrics = run(cfg)
     datamodule, _, trainer = build(cfg)
-    served = load_twin(metrics["best_checkpoint"]).model
+    served = load_twin(tmp_path / metrics["best_checkpoint"]).model
     results = trainer.test(served, datamodule=datamodule, verbose=False)[0]
     assert results["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
@@ -123,20 +125,24 @@ def test_unknown_model_name_fails_at_compose(tmp_path):
         compose_cfg(tmp_path, ["model=gru"])
 
 
-def _train_process(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def train_process(
+    args: list[str], cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in its own process (``env`` added to this one's environment)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
 @pytest.mark.slow
 def test_optuna_two_trial_sweep_writes_summary(tmp_path, events_csv):
     sweep_dir = tmp_path / "sweep"
-    result = _train_process(
+    result = train_process(
         [
             "-m",
             "hparams_search=optuna",
@@ -158,7 +164,7 @@ def test_optuna_two_trial_sweep_writes_summary(tmp_path, events_csv):
 @pytest.mark.slow
 def test_ddp_on_cpu_two_processes(tmp_path, events_csv):
     out = tmp_path / "ddp"
-    result = _train_process(
+    result = train_process(
         [
             *tiny_overrides(events_csv, "lstm", trainer="ddp"),
             "trainer.accelerator=cpu",
