@@ -12,8 +12,10 @@ $BIN/fintwin data summary cdnow
 echo "== 2. train (LSTM twin on CDNOW, calibration weeks 1-39)"
 $BIN/python train.py hydra.run.dir="$RUN/train"
 
-echo "== 3. export to a Triton model repository"
-$BIN/fintwin export --ckpt "$RUN/train/checkpoints/last.ckpt" --repo "$REPO" --name cdnow
+CKPT="$RUN/train/$($BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['best_checkpoint'])" "$RUN/train/metrics.json")"
+
+echo "== 3. export the selected checkpoint ($CKPT) to a Triton model repository"
+$BIN/fintwin export --ckpt "$CKPT" --repo "$REPO" --name cdnow
 
 echo "== 4. serve with the embedded Triton server and query it over gRPC"
 read -r HTTP GRPC METRICS < <($BIN/python -c "
@@ -46,6 +48,6 @@ $BIN/python -c "import pandas as pd; print(pd.read_parquet('$RUN/predictions.par
 kill -TERM $SERVER; wait $SERVER || true; trap - EXIT
 
 echo "== 5. twin forecasts vs BG/NBD on the holdout (weeks 40-78)"
-$BIN/fintwin report --ckpt "$RUN/train/checkpoints/last.ckpt" --data cdnow --cutoff 1997-09-30 \
+$BIN/fintwin report --ckpt "$CKPT" --data cdnow --cutoff 1997-09-30 \
     --holdout-end 1998-06-30 --out "$RUN/report"
 echo "demo done: $RUN (report: $RUN/report/report.html)"
