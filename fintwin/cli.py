@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fintwin.errors import FintwinInputError
+from fintwin.files import atomic_path
 
 log = logging.getLogger("fintwin")
 
@@ -141,14 +142,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def write_table_atomic(frame, path: Path) -> None:
-    """Write a DataFrame as Parquet (or CSV by extension) via a temporary file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".csv":
-        frame.to_csv(tmp, index=False)
-    else:
-        frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    """Write a DataFrame as Parquet (or CSV by extension) atomically."""
+    with atomic_path(path) as tmp:
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:

@@ -12,6 +12,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fintwin.files import atomic_path, write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,8 @@ class SweepSummary(Callback):
             log.warning("sweep %s: no finished trials to summarise", sweep_dir)
             return
         trials = trials.sort_values(self.metric, ascending=self.ascending, na_position="last")
-        trials.to_csv(sweep_dir / "trials.csv", index=False)
+        with atomic_path(sweep_dir / "trials.csv") as tmp:
+            trials.to_csv(tmp, index=False)
         best = trials.iloc[0]
         params = {k: v for k, v in best.items() if k != "trial" and "/" not in k}
         lines = [
@@ -62,5 +65,5 @@ class SweepSummary(Callback):
             trials.to_string(index=False),
             "```",
         ]
-        (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+        write_atomic(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
         log.info("sweep summary written to %s", sweep_dir / "sweep_summary.md")

@@ -10,10 +10,11 @@ Layout written for a model ``name``::
 A new export adds version N+1 and never touches earlier versions. The version directory is
 staged under a hidden, non-numeric name inside ``<name>/`` (Triton only loads numeric version
 directories) and renamed into place as the last step, so a server polling the repository sees
-either the complete version or nothing. Files that are replaced (config, top-level metadata)
-are written to a temporary file and moved over the old one with ``os.replace``. When a write
-or rename fails (full disk, read-only file system), every step already taken is undone by
-renames, nothing staged is left behind, and a ModelRepositoryError names the path and cause.
+either the complete version or nothing. Each file is written atomically and flushed to disk
+(``fintwin.files.write_atomic``); files that are replaced (config, top-level metadata) are
+staged next to the old ones and moved over them with ``os.replace``. When a write or rename
+fails (full disk, read-only file system), every step already taken is undone by renames,
+nothing staged is left behind, and a ModelRepositoryError names the path and cause.
 
 All versions of a Triton model share one config, so a new version must have the same inputs
 and outputs as the versions already there; an export with another signature needs a new name.
@@ -26,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fintwin.errors import FintwinInputError
+from fintwin.files import sync_to_disk, write_atomic
 
 # The production server image (serve/docker-compose.yml) and what it can run. Triton 24.10 is
 # Triton 2.51.0, the same core as the tritonserver bundled in nvidia-pytriton 0.7.0, and ships
@@ -291,11 +293,10 @@ def _commit_version(
     backups = {name: model_dir / f"{token}.old.{name}" for name in contents}
     try:
         staging.mkdir()
-        _write_durably(staging / MODEL_FILENAME, _chunks(onnx_path))
-        _write_durably(staging / METADATA_NAME, [metadata_bytes])
+        write_atomic(staging / MODEL_FILENAME, _chunks(onnx_path))
+        write_atomic(staging / METADATA_NAME, [metadata_bytes])
         for name, path in staged.items():
-            _write_durably(path, [contents[name]])
-        _fsync(staging)
+            write_atomic(path, [contents[name]])
         return _publish(model_dir, staging, staged, backups)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -324,7 +325,7 @@ def _publish(
         version = _rename_to_next_version(staging, model_dir)
         os.replace(staged[METADATA_NAME], model_dir / METADATA_NAME)
         replaced.append(METADATA_NAME)
-        _fsync(model_dir)
+        sync_to_disk(model_dir)
         return version
     except OSError as exc:
         try:
@@ -335,7 +336,7 @@ def _publish(
                     os.replace(backups[name], model_dir / name)
                 else:
                     (model_dir / name).unlink()
-            _fsync(model_dir)
+            sync_to_disk(model_dir)
         except OSError as undo:
             raise ModelRepositoryError(
                 f"cannot add a version to {model_dir}: {exc.strerror or exc}, and undoing the "
@@ -362,23 +363,6 @@ def _chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(COPY_CHUNK_BYTES):
             yield chunk
-
-
-def _write_durably(path: Path, chunks: Iterable[bytes]) -> None:
-    """Create ``path`` (it must not exist) holding ``chunks``, flushed to disk."""
-    with open(path, "xb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _missing_directories(path: Path) -> list[Path]:

@@ -9,8 +9,6 @@ Bad input raises `FintwinInputError` (the CLI exits 2).
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -25,6 +23,7 @@ from fintwin.data.sequences import observation_end
 from fintwin.data.simulator import SimulatorConfig
 from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
+from fintwin.files import atomic_path, write_json_atomic
 from fintwin.models.checkpoint import TrainedTwin, load_twin
 from fintwin.twin import whatif
 from fintwin.twin.baselines import BGNBDGammaGamma
@@ -36,7 +35,7 @@ from fintwin.twin.forecast import (
     rollout_cumulative,
     rollout_forecast,
 )
-from fintwin.twin.report import write_atomic, write_report
+from fintwin.twin.report import write_report
 from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,9 @@ FORECASTS_FILE = "forecasts.parquet"
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write ``frame`` (without its index) to ``path`` atomically; create the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    write_atomic(path, buffer.getvalue())
-    return path
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
 
 
 def parse_day(value: str | pd.Timestamp, name: str) -> pd.Timestamp:
@@ -222,9 +218,7 @@ def simulate(
             models, events, spec, cut, last, injections, config, source=str(what_if)
         )
         table, paths = comparison.per_customer, comparison.paths
-        overall_path = Path(out).with_suffix(".overall.json")
-        overall_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(overall_path, (json.dumps(comparison.overall, indent=2) + "\n").encode())
+        write_json_atomic(Path(out).with_suffix(".overall.json"), comparison.overall)
         table.attrs["overall"] = comparison.overall
     write_parquet(table.reset_index(), out)
     if paths_out is not None:

@@ -1,6 +1,6 @@
 """Forecast report: metrics.json, PNG plots and a self-contained report.html.
 
-Files written to the output directory (each atomically: a temporary file, then os.replace):
+Files written to the output directory (each atomically, ``fintwin.files.write_atomic``):
 - `metrics.json`: {model name: {metric: value}}, NaN written as null;
 - `tracking.png`: cumulative weekly repeat transactions, actual vs each model;
 - `calibration.png`: mean actual vs mean predicted per decile of prediction (transactions, spend);
@@ -15,8 +15,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,23 +22,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fintwin.files import write_atomic
 from fintwin.twin.evaluation import align_predictions, decile_table, split_days
 
 PLOT_FILES = ("tracking.png", "calibration.png", "spend_deciles.png")
 TRACKING_FILE = "tracking.csv"  # the weekly cumulative curves behind tracking.png
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            os.fchmod(handle.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_value(value: float | None) -> float | None:
@@ -203,10 +189,10 @@ def write_report(
         spend_decile_figure(aligned, actual),
     )
     images = {name: _png(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
-    write_atomic(out / "metrics.json", metrics_json(metrics).encode())
-    write_atomic(out / TRACKING_FILE, tracking.to_csv(index_label="week_end").encode())
+    write_atomic(out / "metrics.json", metrics_json(metrics))
+    write_atomic(out / TRACKING_FILE, tracking.to_csv(index_label="week_end"))
     for name, png in images.items():
         write_atomic(out / name, png)
     page = report_html(metrics, images, cut, end, len(actual))
-    write_atomic(out / "report.html", page.encode())
+    write_atomic(out / "report.html", page)
     return out / "report.html"

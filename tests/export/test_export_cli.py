@@ -79,7 +79,7 @@ def test_full_disk_in_the_repository_exits_2_and_keeps_it(
     repo = tmp_path / "repo"
     shutil.copytree(exported, repo)
     before = _files(repo)
-    real_write = triton_repo._write_durably
+    real_write = triton_repo.write_atomic
 
     def write(path: Path, chunks) -> None:
         if path.name != "model.onnx":
@@ -87,7 +87,7 @@ def test_full_disk_in_the_repository_exits_2_and_keeps_it(
         path.write_bytes(next(iter(chunks))[:1000])
         raise OSError(errno.ENOSPC, NO_SPACE, str(path))
 
-    monkeypatch.setattr(triton_repo, "_write_durably", write)
+    monkeypatch.setattr(triton_repo, "write_atomic", write)
 
     assert _export(tiny_checkpoint, repo) == 2
 

@@ -194,7 +194,7 @@ RETRAINED = {**METADATA, "vocab": {"buy": 2, "return": 4, "visit": 3}, "source_c
 
 def _failing_write(monkeypatch, error: OSError, fails_on) -> None:
     """Writes of files matching ``fails_on`` stop half-way with ``error`` (a full disk)."""
-    real_write = triton_repo._write_durably
+    real_write = triton_repo.write_atomic
 
     def write(path: Path, chunks) -> None:
         if not fails_on(path):
@@ -203,7 +203,7 @@ def _failing_write(monkeypatch, error: OSError, fails_on) -> None:
         path.write_bytes(data[: len(data) // 2])
         raise OSError(error.errno, error.strerror, str(path))
 
-    monkeypatch.setattr(triton_repo, "_write_durably", write)
+    monkeypatch.setattr(triton_repo, "write_atomic", write)
 
 
 def _failing_rename(monkeypatch, function: str, error: OSError, fails_on) -> None:
@@ -288,7 +288,9 @@ def test_failed_first_export_leaves_no_directory(tmp_path, onnx_file, monkeypatc
 
 def test_a_failed_undo_says_what_to_check(tmp_path, onnx_file, monkeypatch):
     write_model_version(tmp_path, "twin", onnx_file, METADATA)
-    _failing_rename(monkeypatch, "replace", ENOSPC, lambda p: p.name == "fintwin.json")
+    _failing_rename(
+        monkeypatch, "replace", ENOSPC, lambda p: p.name == "fintwin.json" and not _is_staged(p)
+    )
     _failing_rename(monkeypatch, "rename", EROFS, _is_staged)  # moving version 2 back
 
     with pytest.raises(ModelRepositoryError) as error:
