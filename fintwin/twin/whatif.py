@@ -4,7 +4,9 @@ A what-if file (CSV or Parquet) has one row per hypothetical event: ``customer_i
 ``*`` for every customer), ``timestamp``, ``event_type`` (a type the model knows) and
 ``amount`` (>= 0); columns named like the model's numeric features are optional (missing or
 empty values take the customer's mean). An event must come strictly after the customer's
-last calibration event and on or before the horizon-end day.
+last calibration event and on or before the horizon-end day. The file is read as event files
+are (``fintwin.data.sources``, ``fintwin.data.schema``): separators, decimal marks, date forms
+and column names alike, with errors naming the file's lines.
 
 Semantics (an intervention: the event happens, whatever the model would have done):
 - an event before the end of the cut-off day is added to the history (the silence after it
@@ -33,7 +35,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fintwin.data.schema import (
+    LINE,
+    REQUIRED_COLUMNS,
+    SHOWN_ROWS,
+    EventSchema,
+    EventValidationError,
+    check_columns,
+    match_columns,
+    parse_numbers,
+    parse_timestamps,
+)
 from fintwin.data.sequences import SequenceSet, calibration_events
+from fintwin.data.sources import read_csv, read_parquet, sniff_csv
 from fintwin.errors import FintwinInputError
 from fintwin.models.module import TwinModule
 from fintwin.twin.rollout import (
@@ -52,115 +66,130 @@ from fintwin.twin.rollout import (
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("customer_id", "timestamp", "event_type", "amount")
 ALL_CUSTOMERS = "*"
-SHOWN = 5
 OUTCOMES = ("expected_count", "expected_spend", "p_active")
 
 
-def _rows(frame: pd.DataFrame, mask: pd.Series | np.ndarray) -> str:
-    """The first offending rows' numbers (0-based, data rows)."""
-    return ", ".join(str(r) for r in frame.loc[np.asarray(mask), "row"].head(SHOWN))
+def _offending(index: pd.Index, mask: pd.Series | np.ndarray) -> pd.Index:
+    """The first offending rows' labels (file lines or 0-based rows, as the index is named)."""
+    return index[np.asarray(mask, dtype=bool)].unique()[:SHOWN_ROWS]
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, spec: HistorySpec) -> pd.DataFrame:
+    """The what-if columns of a CSV or Parquet file, read as event files are read."""
     if not path.is_file():
         raise FintwinInputError(f"{path}: what-if file not found")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return read_parquet(path, [*REQUIRED_COLUMNS, *spec.numeric_features])
     if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={"customer_id": str, "event_type": str})
+        present = match_columns(sniff_csv(path).header, spec.numeric_features, str(path))
+        return read_csv(path, EventSchema(numeric_features=list(present.values())))
     raise FintwinInputError(
         f"{path}: unsupported what-if file type '{path.suffix}'; use .csv or .parquet"
     )
 
 
-def _parse_timestamps(frame: pd.DataFrame, source: str) -> pd.Series:
-    """Datetimes or ISO-8601 strings as naive UTC (like the event contract)."""
-    parsed = frame["timestamp"]
-    if not pd.api.types.is_datetime64_any_dtype(parsed):
-        parsed = pd.to_datetime(parsed, errors="coerce", format="ISO8601", utc=True)
-    if parsed.dt.tz is not None:
-        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-    parsed = parsed.astype("datetime64[ns]")
-    bad = parsed.isna()
-    if bad.any():
-        raise FintwinInputError(
-            f"{source}, column 'timestamp': unparseable timestamps in rows {_rows(frame, bad)} "
-            "(0-based data rows); expected ISO-8601 dates or datetimes"
+def read_what_if(path: str | Path, spec: HistorySpec, source: str | None = None) -> pd.DataFrame:
+    """Read and check a what-if file against the model's vocabulary.
+
+    CSV files are read like event files (``fintwin.data.sources.read_csv``: sniffed separator,
+    decimal commas, numeric dates, ...) and errors name their lines. Returns ``check_what_if``'s
+    table.
+    """
+    path = Path(path)
+    return check_what_if(_read_table(path, spec), spec, source or str(path))
+
+
+def _customer_ids(col: pd.Series, source: str) -> pd.Series:
+    ids = col.astype("string").str.strip()
+    missing = ids.isna().to_numpy() | (ids == "").fillna(False).to_numpy(dtype=bool)
+    if missing.any():
+        raise EventValidationError(
+            source, "customer_id",
+            f"missing customer id; expected an id, or '{ALL_CUSTOMERS}' for every customer",
+            _offending(col.index, missing),
         )
-    return parsed
+    return ids.astype(str)
 
 
-def _parse_amounts(frame: pd.DataFrame, source: str) -> pd.Series:
-    amount = pd.to_numeric(frame["amount"], errors="coerce").astype(float)
-    bad = ~np.isfinite(amount) | (amount < 0)
+def _event_types(col: pd.Series, spec: HistorySpec, source: str) -> pd.Series:
+    known = set(spec.vocab.tokens)
+    types = col.astype("string").str.strip()
+    unknown = ~types.isin(known).fillna(False).to_numpy(dtype=bool)
+    if unknown.any():
+        raise EventValidationError(
+            source, "event_type",
+            f"unknown event_type {col[unknown].iloc[0]!r}; the model knows {sorted(known)}",
+            _offending(col.index, unknown),
+        )
+    return types.astype(str)
+
+
+def _amounts(col: pd.Series, source: str) -> pd.Series:
+    amount = parse_numbers(col, "amount", source)
+    bad = ~np.isfinite(amount.to_numpy()) | (amount < 0).to_numpy()
     if bad.any():
-        raise FintwinInputError(
-            f"{source}, column 'amount': missing, non-numeric, infinite or negative amounts in "
-            f"rows {_rows(frame, bad)} (0-based data rows); expected numbers >= 0"
+        raise EventValidationError(
+            source, "amount",
+            f"missing, infinite or negative amount {col[bad].iloc[0]!r}; expected a number >= 0",
+            _offending(col.index, bad),
         )
     return amount
 
 
-def read_what_if(path: str | Path, spec: HistorySpec, source: str | None = None) -> pd.DataFrame:
-    """Read and check a what-if file against the model's vocabulary.
-
-    Returns columns ``row`` (0-based data row in the file), ``customer_id`` (str, may be
-    ``*``), ``timestamp`` (naive UTC), ``event_type``, ``amount`` and the numeric features.
-    """
-    path = Path(path)
-    source = source or str(path)
-    frame = _read_table(path).reset_index(drop=True)
-    return check_what_if(frame, spec, source)
+def _numeric_feature(col: pd.Series, name: str, source: str) -> pd.Series:
+    values = parse_numbers(col, name, source)
+    infinite = np.isinf(values.to_numpy())
+    if infinite.any():
+        raise EventValidationError(
+            source, name,
+            f"infinite value {col[infinite].iloc[0]!r}; expected a number, or nothing for the "
+            "customer's mean", _offending(col.index, infinite),
+        )
+    return values
 
 
 def check_what_if(frame: pd.DataFrame, spec: HistorySpec, source: str = "what-if") -> pd.DataFrame:
-    """Check a what-if table (see ``read_what_if``); raise ``FintwinInputError`` naming rows."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise FintwinInputError(
-            f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)}, "
-            f"found {list(frame.columns)}"
-        )
-    frame = frame.reset_index(drop=True).assign(row=np.arange(len(frame)))
-    no_id = frame["customer_id"].isna()
-    if no_id.any():
-        raise FintwinInputError(
-            f"{source}, column 'customer_id': empty in rows {_rows(frame, no_id)} "
-            f"(0-based data rows); use '{ALL_CUSTOMERS}' for every customer"
-        )
-    known = set(spec.vocab.tokens)
-    unknown = ~frame["event_type"].astype(str).isin(known) | frame["event_type"].isna()
-    if unknown.any():
-        first = frame.loc[unknown].iloc[0]
-        raise FintwinInputError(
-            f"{source}, row {first['row']} (0-based data row): unknown event_type "
-            f"{first['event_type']!r}; the model knows {sorted(known)}"
-        )
+    """Check a what-if table; raise ``EventValidationError`` naming the column and rows.
+
+    Column names match ignoring case and surrounding whitespace; timestamps and numbers are
+    parsed as in event tables (``fintwin.data.schema``). Returns columns ``row`` (where the
+    event is in the input: its file line when the index is named ``line``, as ``read_csv``
+    names it, else its 0-based row; also the index), ``customer_id`` (str, may be ``*``),
+    ``timestamp`` (naive UTC), ``event_type``, ``amount`` and the numeric features (NaN where
+    missing).
+    """
+    present = match_columns(list(frame.columns), spec.numeric_features, source)
+    schema = EventSchema(numeric_features=list(present.values()))
+    positions = check_columns(list(frame.columns), schema, source)
+    frame = frame.iloc[:, list(positions)].set_axis(list(positions.values()), axis=1)
+    if frame.index.name != LINE:
+        frame = frame.reset_index(drop=True)
+    ids = _customer_ids(frame["customer_id"], source)
+    types = _event_types(frame["event_type"], spec, source)
     out = pd.DataFrame(
         {
-            "row": frame["row"],
-            "customer_id": frame["customer_id"].astype(str),
-            "timestamp": _parse_timestamps(frame, source),
-            "event_type": frame["event_type"].astype(str),
-            "amount": _parse_amounts(frame, source),
-        }
+            "row": frame.index,
+            "customer_id": ids,
+            "timestamp": parse_timestamps(frame["timestamp"], source),
+            "event_type": types,
+            "amount": _amounts(frame["amount"], source),
+        },
+        index=frame.index,
     )
     for name in spec.numeric_features:
-        values = frame[name] if name in frame.columns else np.nan
-        out[name] = pd.to_numeric(pd.Series(values, index=frame.index), errors="coerce")
+        out[name] = _numeric_feature(frame[name], name, source) if name in frame else np.nan
     return out
 
 
 def _expand_all_customers(rows: pd.DataFrame, customer_ids: np.ndarray) -> pd.DataFrame:
-    every = rows["customer_id"] == ALL_CUSTOMERS
-    expanded = (
-        rows[every]
-        .drop(columns="customer_id")
-        .merge(pd.DataFrame({"customer_id": customer_ids}), how="cross")
+    """Each ``*`` row once per customer, in customer order (keeping its index label)."""
+    every = (rows["customer_id"] == ALL_CUSTOMERS).to_numpy()
+    star = rows[every]
+    expanded = star.iloc[np.repeat(np.arange(len(star)), len(customer_ids))].assign(
+        customer_id=np.tile(customer_ids, len(star))
     )
-    return pd.concat([rows[~every], expanded[rows.columns]], ignore_index=True)
+    return pd.concat([rows[~every], expanded])
 
 
 def resolve_what_if(
@@ -171,35 +200,39 @@ def resolve_what_if(
 ) -> pd.DataFrame:
     """Expand ``*`` rows to every customer and check customers and timestamps.
 
-    Adds ``customer`` (index into ``sequences``); sorted by customer, time and row.
+    ``rows``: ``check_what_if`` output, whose index names the rows in errors. Adds
+    ``customer`` (index into ``sequences``); sorted by customer, time and row.
     """
     _, end = window_bounds(sequences, horizon_end)
     rows = _expand_all_customers(rows, sequences.customer_ids)
     customer = pd.Index(sequences.customer_ids).get_indexer(rows["customer_id"])
     unknown = customer < 0
     if unknown.any():
-        ids = list(dict.fromkeys(rows.loc[unknown, "customer_id"]))[:SHOWN]
-        raise FintwinInputError(
-            f"{source}: unknown customer_id(s) {ids} in rows {_rows(rows, unknown)} (0-based "
-            "data rows); what-if customers need calibration events before the cut-off"
+        ids = list(dict.fromkeys(rows.loc[unknown, "customer_id"]))[:SHOWN_ROWS]
+        raise EventValidationError(
+            source, "customer_id",
+            f"unknown customer_id(s) {ids}; what-if customers need calibration events before "
+            "the cut-off", _offending(rows.index, unknown),
         )
     rows = rows.assign(customer=customer)
     last = pd.to_datetime(sequences.last_event_time[customer])
     early = (rows["timestamp"] <= last).to_numpy()
     if early.any():
         first = rows[early].iloc[0]
-        raise FintwinInputError(
-            f"{source}, row {first['row']} (0-based data row): timestamp {first['timestamp']} is "
-            f"not after customer {first['customer_id']}'s last event "
-            f"({last[np.flatnonzero(early)[0]]}); injected events must follow the history"
-            + (f" ({int(early.sum())} customer-events in all)" if early.sum() > 1 else "")
+        raise EventValidationError(
+            source, "timestamp",
+            f"timestamp {first['timestamp']} is not after customer {first['customer_id']}'s last "
+            f"event ({last[np.flatnonzero(early)[0]]}); injected events must follow the history"
+            + (f" ({int(early.sum())} customer-events in all)" if early.sum() > 1 else ""),
+            _offending(rows.index, early),
         )
     late = (rows["timestamp"] >= end).to_numpy()
     if late.any():
         first = rows[late].iloc[0]
-        raise FintwinInputError(
-            f"{source}, row {first['row']} (0-based data row): timestamp {first['timestamp']} is "
-            f"after the horizon end ({(end - pd.Timedelta(days=1)).date()}, inclusive)"
+        raise EventValidationError(
+            source, "timestamp",
+            f"timestamp {first['timestamp']} is after the horizon end "
+            f"({(end - pd.Timedelta(days=1)).date()}, inclusive)", _offending(rows.index, late),
         )
     return rows.sort_values(["customer", "timestamp", "row"], kind="stable", ignore_index=True)
 

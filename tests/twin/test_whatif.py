@@ -115,8 +115,9 @@ def test_read_what_if_file(tmp_path: Path) -> None:
     path = tmp_path / "what_if.csv"
     path.write_text("customer_id,timestamp,event_type,amount\n007,2024-04-02,card,3.5\n")
     rows = read_what_if(path, SPEC)
-    assert rows.loc[0, "customer_id"] == "007"  # ids stay strings
-    assert rows.loc[0, "timestamp"] == pd.Timestamp("2024-04-02")
+    assert rows.loc[2, "customer_id"] == "007"  # ids stay strings; rows are named by file line
+    assert rows.loc[2, "timestamp"] == pd.Timestamp("2024-04-02")
+    assert rows["row"].tolist() == [2]
     bad = tmp_path / "what_if.txt"
     bad.write_text("")
     with pytest.raises(FintwinInputError, match="unsupported what-if file type"):
@@ -125,12 +126,73 @@ def test_read_what_if_file(tmp_path: Path) -> None:
         read_what_if(tmp_path / "missing.csv", SPEC)
 
 
+def test_what_if_file_is_read_as_event_files_are(tmp_path: Path) -> None:
+    """';' separators, padded mixed-case headers, decimal commas with thousands separators,
+    day-first dates and an optional numeric feature, as in a spreadsheet export."""
+    spec = HistorySpec(SPEC.vocab, SPEC.horizon_days, SPEC.max_len, numeric_features=("balance",))
+    path = tmp_path / "what_if.csv"
+    path.write_text(
+        "\ufeff Customer_ID ;Timestamp;Event_Type;Amount;Balance\r\n"
+        "c1;15.04.2024 13:45;card;1.234,50;\r\n"
+        "\r\n"
+        "*;02.04.2024;salary;2500,00;10,5\r\n"
+    )
+    rows = read_what_if(path, spec)
+    assert rows["row"].tolist() == [2, 4]  # file lines
+    assert rows["customer_id"].tolist() == ["c1", "*"]
+    assert rows["timestamp"].tolist() == [
+        pd.Timestamp("2024-04-15 13:45"),
+        pd.Timestamp("2024-04-02"),
+    ]
+    assert rows["amount"].tolist() == [1234.5, 2500.0]
+    np.testing.assert_array_equal(rows["balance"], [np.nan, 10.5])
+
+
+def test_what_if_parquet_ids_become_strings(tmp_path: Path) -> None:
+    path = tmp_path / "what_if.parquet"
+    pd.DataFrame(
+        {"CUSTOMER_ID": [7], "timestamp": [pd.Timestamp("2024-04-02")], "event_type": ["card"],
+         "amount": [3]}
+    ).to_parquet(path)
+    rows = read_what_if(path, SPEC)
+    assert rows[["customer_id", "amount", "row"]].values.tolist() == [["7", 3.0, 0]]
+
+
+def test_bad_timestamp_in_a_file_is_named_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "what_if.csv"
+    path.write_text(
+        "customer_id,timestamp,event_type,amount\n"
+        "c0,2024-04-02,card,1\n"
+        "\n"
+        "c1,2024-04-31,card,1\n"
+    )
+    with pytest.raises(FintwinInputError) as error:
+        read_what_if(path, SPEC)
+    assert str(error.value).startswith(f"{path}, column 'timestamp': unparseable timestamp '2024-04-31'")
+    assert str(error.value).endswith("(first offending lines: 4)")
+
+
+def test_unknown_customer_in_a_file_is_named_by_line(events, tmp_path: Path) -> None:
+    path = tmp_path / "what_if.csv"
+    path.write_text(
+        "customer_id;timestamp;event_type;amount\n*;2024-04-03;card;1,5\nzz;2024-04-03;card;1\n"
+    )
+    rows = read_what_if(path, SPEC)
+    with pytest.raises(FintwinInputError) as error:
+        resolve_what_if(rows, SPEC.sequences(events, CUTOFF), HORIZON_END, source=str(path))
+    assert str(error.value) == (
+        f"{path}, column 'customer_id': unknown customer_id(s) ['zz']; what-if customers need "
+        "calibration events before the cut-off (first offending lines: 3)"
+    )
+
+
 @pytest.mark.parametrize(
     ("row", "words"),
     [
-        (("c1", "2024-04-02", "loan", 1.0), ["row 1", "unknown event_type 'loan'", "card"]),
-        (("c1", "2024-04-02", "card", -1.0), ["column 'amount'", "rows 1"]),
-        (("c1", "not a date", "card", 1.0), ["column 'timestamp'", "rows 1"]),
+        (("c1", "2024-04-02", "loan", 1.0), ["rows, 0-based: 1", "unknown event_type 'loan'", "card"]),
+        (("c1", "2024-04-02", "card", -1.0), ["column 'amount'", "rows, 0-based: 1"]),
+        (("c1", "not a date", "card", 1.0), ["column 'timestamp'", "rows, 0-based: 1"]),
+        ((" ", "2024-04-02", "card", 1.0), ["column 'customer_id'", "'*' for every customer"]),
     ],
 )
 def test_bad_rows_are_named(row: tuple, words: list[str]) -> None:
@@ -142,16 +204,16 @@ def test_bad_rows_are_named(row: tuple, words: list[str]) -> None:
 
 def test_missing_column_is_named() -> None:
     frame = pd.DataFrame({"customer_id": ["c0"], "timestamp": ["2024-04-02"], "amount": [1.0]})
-    with pytest.raises(FintwinInputError, match=r"missing column\(s\) \['event_type'\]"):
+    with pytest.raises(FintwinInputError, match=r"missing required column\(s\) \['event_type'\]"):
         check_what_if(frame, SPEC)
 
 
 @pytest.mark.parametrize(
     ("row", "words"),
     [
-        (("zz", "2024-04-02", "card", 1.0), ["unknown customer_id(s) ['zz']", "rows 1"]),
-        (("c1", "2024-03-30", "card", 1.0), ["row 1", "not after customer c1's last event"]),
-        (("c1", "2024-05-01", "card", 1.0), ["row 1", "after the horizon end (2024-04-30"]),
+        (("zz", "2024-04-02", "card", 1.0), ["unknown customer_id(s) ['zz']", "0-based: 1)"]),
+        (("c1", "2024-03-30", "card", 1.0), ["0-based: 1)", "not after customer c1's last event"]),
+        (("c1", "2024-05-01", "card", 1.0), ["0-based: 1)", "after the horizon end (2024-04-30"]),
     ],
 )
 def test_bad_customers_and_times_are_refused(events, row: tuple, words: list[str]) -> None:
