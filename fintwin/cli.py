@@ -93,7 +93,7 @@ def _export(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     parser = _command(sub, "export", "Export a checkpoint to ONNX (parity-checked) as a new version "
                       "of a Triton model repository.",
-                      "fintwin export --ckpt outputs/train/runs/X/checkpoints/last.ckpt "
+                      "fintwin export --ckpt outputs/train/runs/X/checkpoints/epoch_011.ckpt "
                       "--repo model_repository --name fintwin", _export)
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by train.py")
     parser.add_argument("--repo", type=Path, required=True, help="Triton model repository directory")
@@ -191,7 +191,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     parser = _command(sub, "simulate", "Monte Carlo rollouts of each customer's future from a cut-off "
                       "to a horizon end (optionally with injected what-if events).",
-                      "fintwin simulate --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "fintwin simulate --ckpt epoch_011.ckpt --data cdnow --cutoff 1997-09-30 "
                       "--horizon-end 1998-06-30 --samples 100 --out futures.parquet", _simulate)
     parser.add_argument("--ckpt", type=Path, nargs="+", required=True,
                         help="checkpoint(s) written by train.py; several (e.g. seeds) pool "
@@ -225,7 +225,7 @@ def _report(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     parser = _command(sub, "report", "Forecast a holdout window with the twin (rollouts and direct "
                       "heads) and BG/NBD + Gamma-Gamma; write metrics.json, plots and report.html.",
-                      "fintwin report --ckpt last.ckpt --data cdnow --cutoff 1997-09-30 "
+                      "fintwin report --ckpt epoch_011.ckpt --data cdnow --cutoff 1997-09-30 "
                       "--holdout-end 1998-06-30 --out report/", _report)
     parser.add_argument("--ckpt", type=Path, nargs="+", required=True,
                         help="checkpoint(s) written by train.py; several (e.g. seeds) are "

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fintwin.data.datamodule import ResumableLoader
 from fintwin.errors import FintwinInputError
+from fintwin.files import write_atomic, write_json_atomic
 from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.encoders import ENCODERS
 
@@ -84,15 +83,6 @@ def validate_config(cfg: DictConfig) -> None:
             lambda v: isinstance(v, int) and v > 0 and cfg.model.encoder.hidden_size % v == 0,
             "a positive integer dividing model.encoder.hidden_size",
         )
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def random_states() -> dict[str, Any]:
@@ -213,7 +203,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["best_checkpoint"] = _relative_path(best, out_dir) if best else ""
     if trainer.is_global_zero:
         write_json_atomic(out_dir / "metrics.json", metrics)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         log.info(
             "metrics: %s",
             json.dumps({k: v for k, v in metrics.items() if k.startswith("test/")}, indent=1),
