@@ -10,7 +10,7 @@ LOCK := requirements.lock
 PIP_COMPILE_FLAGS := --generate-hashes --extra dev --strip-extras --unsafe-package torch \
 	-c constraints.txt --no-emit-index-url --no-emit-find-links
 
-.PHONY: setup demo test test-fast test-latest lock bench lint clean
+.PHONY: setup services demo test test-fast test-latest lock bench lint clean
 
 setup: $(STAMP)
 
@@ -25,16 +25,22 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	$(BIN)/pip check
 	touch $(STAMP)
 
+# Real servers the tests start on loopback: Debian's redis-server (live twins' state store).
+services:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+
 lock: $(STAMP)
 	$(BIN)/pip-compile $(PIP_COMPILE_FLAGS) -o $(LOCK) pyproject.toml
 
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) services
 	$(BIN)/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) services
 	$(BIN)/pytest -q -m "not slow"
 
 test-latest:
