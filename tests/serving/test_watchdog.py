@@ -18,6 +18,7 @@ from fintwin.serving.server import STUB_NAME, free_ports, python_stubs
 
 STARTUP_DEADLINE_S = 90
 EXIT_DEADLINE_S = 30
+WATCHING = "stop with Ctrl-C"  # what `fintwin serve` logs once it has seen the server ready
 
 
 def _exe_name(pid: int) -> str:
@@ -53,12 +54,13 @@ class ServeCommand:
         self.server_pid = 0
 
     def wait_ready(self) -> None:
+        """Until the server is ready and the command has seen it (its watchdog runs)."""
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while time.monotonic() < deadline and self.process.poll() is None:
-            if _ready(self.http_port):
+            if _ready(self.http_port) and WATCHING in self.log.read_text(errors="replace"):
                 break
             time.sleep(0.2)
-        assert _ready(self.http_port), self.output()
+        assert _ready(self.http_port) and WATCHING in self.log.read_text(), self.output()
         (self.server_pid,) = [
             pid
             for pid in self.standin.children_of(self.process.pid)
