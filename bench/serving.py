@@ -52,16 +52,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fintwin.data.contract import CONTRACT_KEY, exported_contract, random_inputs
 from fintwin.data.features import Vocab
 from fintwin.data.simulator import EVENT_TYPES
-from fintwin.export.onnx import export_onnx, random_valid_inputs
+from fintwin.export.graph import ExportableTwin
+from fintwin.export.onnx import export_onnx
 from fintwin.export.triton_repo import (
     format_model_config,
     read_model_config,
     write_model_version,
 )
 from fintwin.models.checkpoint import TrainedTwin
-from fintwin.models.module import QUANTILE_LEVELS, ExportableTwin, TwinModule
+from fintwin.models.module import QUANTILE_LEVELS, TwinModule
 from fintwin.serving.client import InProcessRunner, TritonTransport
 from fintwin.serving.server import EmbeddedTriton
 
@@ -162,7 +164,8 @@ def build_repository(repo: Path) -> dict[str, ExportableTwin]:
         twin = random_twin(encoder, seed)
         onnx_path = repo.parent / f"{encoder}.onnx"
         export_onnx(twin, onnx_path)
-        metadata = {**twin.data, "quantiles": list(QUANTILE_LEVELS), "encoder": encoder}
+        metadata = {**twin.data, "quantiles": list(QUANTILE_LEVELS), "encoder": encoder,
+                    CONTRACT_KEY: exported_contract(twin.model.contract_sizes())}
         write_model_version(repo, encoder, onnx_path, metadata)
         if encoder == THROUGHPUT_ENCODER:
             name = encoder + NO_BATCHING_SUFFIX
@@ -190,7 +193,7 @@ def request_pool(wrapper: ExportableTwin, batches: tuple[int, ...], seq_len: int
                  seed: int) -> list[dict[str, np.ndarray]]:
     """``REQUEST_POOL`` random valid requests, their batch sizes cycling through ``batches``."""
     rng = np.random.default_rng(seed)
-    return [random_valid_inputs(wrapper, batches[i % len(batches)], seq_len, rng)
+    return [random_inputs(rng, wrapper.sizes, batches[i % len(batches)], seq_len)
             for i in range(REQUEST_POOL)]
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fintwin.cli import main
+from fintwin.data.contract import OUTPUT_NAMES
 from fintwin.errors import FintwinInputError
+from fintwin.export.graph import ExportableTwin
 from fintwin.models.checkpoint import load_twin
-from fintwin.models.module import OUTPUT_NAMES, ExportableTwin
 from fintwin.serving.client import TwinClient
 from fintwin.serving.server import EmbeddedTriton
 

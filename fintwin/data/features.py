@@ -19,7 +19,6 @@ PAD_LABEL = "<pad>"  # the type name shown for PAD_ID
 OOV_LABEL = "<oov>"  # the type name shown for OOV_ID (a type unknown to the vocabulary)
 NS_PER_DAY = 86_400 * 10**9
 MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clamped to it)
-SEQUENCE_INPUTS = ("event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour")
 
 
 @dataclass(frozen=True)

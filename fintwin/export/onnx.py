@@ -1,9 +1,11 @@
 """ONNX export of a trained twin with a parity check against PyTorch, and `fintwin export`.
 
-The graph takes raw featuriser values (scaling constants live inside it) and returns the
-per-customer outputs of the model contract. Every export is checked with onnxruntime on
-fresh random valid batches of several batch sizes and lengths, including lengths unlike the
-export example; the export fails when any output differs by more than the tolerance.
+The graph takes raw featuriser values (scaling constants live inside it) and returns
+per-customer outputs, both as the contract says (CONTRACT.md, ``fintwin.data.contract``); the
+metadata carries the contract for the served model's request checks. Every export is checked
+with onnxruntime on fresh random valid batches of several batch sizes and lengths, including
+lengths unlike the export example; the export fails when any output differs by more than the
+tolerance.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from fintwin.data.contract import CONTRACT_KEY, exported_contract, random_inputs
 from fintwin.errors import FintwinInputError
+from fintwin.export.graph import ExportableTwin
 from fintwin.models.checkpoint import TrainedTwin, load_twin
-from fintwin.models.module import QUANTILE_LEVELS, ExportableTwin
+from fintwin.models.module import QUANTILE_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +56,6 @@ class ParityReport:
     def worst(self) -> float:
         """Largest scaled difference over all outputs."""
         return max(self.max_scaled.values(), default=0.0)
-
-
-def random_valid_inputs(wrapper: ExportableTwin, batch: int, seq_len: int,
-                        rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random raw inputs obeying the contract: right padding, ids in the vocabulary."""
-    vocab_size = wrapper.twin.hparams.vocab_size
-    lengths = rng.integers(1, seq_len + 1, size=batch)
-    lengths[0] = seq_len  # at least one full row
-    valid = np.arange(seq_len)[None, :] < lengths[:, None]
-    shape = (batch, seq_len)
-
-    def pad(values: np.ndarray) -> np.ndarray:
-        return np.where(valid if values.ndim == 2 else valid[..., None], values, 0).astype(values.dtype)
-
-    inputs = {
-        "event_type": pad(rng.integers(1, vocab_size, shape)),
-        "amount": pad(rng.lognormal(3.0, 1.5, shape).astype(np.float32)),
-        "delta_t": pad(rng.exponential(10.0, shape).astype(np.float32)),
-        "day_of_week": pad(rng.integers(0, 7, shape)),
-        "day_of_month": pad(rng.integers(1, 32, shape)),
-        "hour": pad(rng.integers(0, 24, shape)),
-        "length": lengths.astype(np.int64),
-        "days_since_last_event": rng.exponential(60.0, batch).astype(np.float32),
-    }
-    if wrapper.n_numeric:
-        inputs["numeric"] = pad(rng.normal(0, 3, (*shape, wrapper.n_numeric)).astype(np.float32))
-    return inputs
 
 
 def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -109,7 +86,7 @@ def check_parity(wrapper: ExportableTwin, onnx_path: Path, seed: int = 0,
     rng = np.random.default_rng(seed)
     report = ParityReport(shapes=list(shapes))
     for batch, seq_len in shapes:
-        feeds = random_valid_inputs(wrapper, batch, seq_len, rng)
+        feeds = random_inputs(rng, wrapper.sizes, batch, seq_len)
         with torch.no_grad():
             expected = wrapper(*(torch.from_numpy(feeds[n]) for n in wrapper.input_names))
         got = session.run(wrapper.output_names, {n: feeds[n] for n in wrapper.input_names})
@@ -159,7 +136,9 @@ def checkpoint_identity(ckpt: Path) -> dict[str, str]:
 
 
 def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict:
-    """What a client needs besides the graph: vocab, featuriser settings, metrics, provenance.
+    """What a client needs besides the graph: vocab, featuriser settings, the input/output
+    contract with this model's sizes (the served model checks requests against it), metrics,
+    provenance.
 
     Served to clients as is, so it holds no path of the machine that exported it.
     """
@@ -175,6 +154,7 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
         "same_day_merge": data["same_day_merge"], "observation_end": data["observation_end"],
         "scaling": data["scaling"], "quantiles": list(QUANTILE_LEVELS),
         "encoder": twin.model.hparams.encoder["name"], "metrics": metrics,
+        CONTRACT_KEY: exported_contract(twin.model.contract_sizes()),
         "parity_max_abs": report.max_abs, "source_commit": source_commit(),
         "checkpoint": checkpoint_identity(ckpt),
     }

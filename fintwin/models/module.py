@@ -46,12 +46,10 @@ that of the loss):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import onnx
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -59,7 +57,6 @@ import torchmetrics
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
-from fintwin.data.features import SEQUENCE_INPUTS
 from fintwin.models.encoders import build_encoder, elapsed_days, gather_last, sequence_mask
 from fintwin.models.heads import (
     AmountDistribution,
@@ -75,18 +72,6 @@ from fintwin.models.heads import (
 
 LOSS_TERMS = ("type", "time", "amount", "churn", "horizon")
 QUANTILE_LEVELS = (0.1, 0.5, 0.9)
-ROW_INPUTS = ("length", "days_since_last_event")  # one value per customer: [B]
-INPUT_NAMES = (*SEQUENCE_INPUTS, *ROW_INPUTS)
-OUTPUT_NAMES = (
-    "next_event_probs",
-    "next_time_mean",
-    "next_time_quantiles",
-    "dormant_prob",
-    "next_amount_mean",
-    "churn_prob",
-    "horizon_count",
-    "horizon_spend",
-)
 AUROC_THRESHOLDS = 200
 
 
@@ -284,10 +269,19 @@ class TwinModule(pl.LightningModule):
             horizon=self.horizon_head(hidden, horizon_elapsed),
         )
 
+    def contract_sizes(self) -> dict[str, int]:
+        """This model's sizes of the exported contract's fixed axes (CONTRACT.md)."""
+        return {
+            "vocab_size": int(self.hparams.vocab_size),
+            "quantiles": len(QUANTILE_LEVELS),
+            "numeric_features": int(self.hparams.n_numeric),
+        }
+
     def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-customer serving outputs at each row's last real event (export friendly); the
-        horizon outputs are for the window after ``batch["days_since_last_event"]`` ``[B]``
-        days of silence since that event (right after it when absent)."""
+        """Per-customer serving outputs at each row's last real event (export friendly), named
+        as the contract's outputs (CONTRACT.md); the horizon outputs are for the window after
+        ``batch["days_since_last_event"]`` ``[B]`` days of silence since that event (right
+        after it when absent)."""
         hidden = gather_last(self(batch), batch["length"])
         out = self.head_outputs(hidden, batch.get("days_since_last_event"))
         probs = torch.softmax(out.type_logits, dim=-1)
@@ -497,134 +491,3 @@ class TwinModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-class ExportableTwin(nn.Module):
-    """ONNX-exportable wrapper: named raw input tensors -> ``OUTPUT_NAMES`` tuple.
-
-    Inputs follow the model contract, plus ``days_since_last_event`` ``[B]``: each row's
-    silence since its last event at the time of the query (0: right after it), after which
-    the horizon outputs forecast. ``numeric`` ``[B, T, F]`` is passed only when the
-    model has ``F > 0`` numeric features.
-    """
-
-    def __init__(self, twin: TwinModule) -> None:
-        super().__init__()
-        self.twin = twin
-        self.n_numeric = twin.hparams.n_numeric
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(INPUT_NAMES) + (["numeric"] if self.n_numeric > 0 else [])
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(OUTPUT_NAMES)
-
-    def forward(
-        self,
-        event_type: Tensor,
-        amount: Tensor,
-        delta_t: Tensor,
-        day_of_week: Tensor,
-        day_of_month: Tensor,
-        hour: Tensor,
-        length: Tensor,
-        days_since_last_event: Tensor,
-        numeric: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        batch = {
-            "event_type": event_type,
-            "amount": amount,
-            "delta_t": delta_t,
-            "day_of_week": day_of_week,
-            "day_of_month": day_of_month,
-            "hour": hour,
-            "length": length,
-            "days_since_last_event": days_since_last_event,
-        }
-        if numeric is not None:
-            batch["numeric"] = numeric
-        outputs = self.twin.predict_last(batch)
-        return tuple(outputs[name] for name in OUTPUT_NAMES)
-
-    def example_inputs(self, batch_size: int = 2, seq_len: int = 8) -> tuple[Tensor, ...]:
-        """Random valid inputs in ``input_names`` order (all rows full length)."""
-        shape = (batch_size, seq_len)
-        vocab_size = self.twin.hparams.vocab_size
-        inputs = [
-            torch.randint(1, vocab_size, shape),
-            torch.rand(shape) * 100.0,
-            torch.rand(shape) * 30.0,
-            torch.randint(0, 7, shape),
-            torch.randint(1, 32, shape),
-            torch.randint(0, 24, shape),
-            torch.full((batch_size,), seq_len, dtype=torch.int64),
-            torch.rand(batch_size) * 100.0,
-        ]
-        if self.n_numeric > 0:
-            inputs.append(torch.randn(batch_size, seq_len, self.n_numeric))
-        return tuple(inputs)
-
-    def dynamic_shapes(self) -> dict[str, dict[int, object]]:
-        """``dynamic_shapes`` for ``torch.onnx.export(..., dynamo=True)``: batch and sequence."""
-        batch = torch.export.Dim("batch", min=1)
-        seq = torch.export.Dim("seq", min=1)
-        shapes: dict[str, dict[int, object]] = {
-            name: {0: batch, 1: seq} for name in INPUT_NAMES if name not in ROW_INPUTS
-        }
-        shapes |= {name: {0: batch} for name in ROW_INPUTS}
-        if self.n_numeric > 0:
-            shapes["numeric"] = {0: batch, 1: seq}
-        return shapes
-
-    def to_onnx(self, path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
-        """Export with ``torch.onnx.export(dynamo=True)``; dynamic batch and sequence axes.
-
-        Writes a single file (no external data) when ``path`` is given. Raises
-        ``RuntimeError`` if the exporter fixed an axis to the example size (it does that
-        silently when it cannot keep an axis dynamic).
-        """
-        self.eval()
-        _clear_lstm_dispatch_cache()
-        program = torch.onnx.export(
-            self,
-            self.example_inputs(batch_size=3, seq_len=7),
-            dynamic_shapes=self.dynamic_shapes(),
-            input_names=self.input_names,
-            output_names=self.output_names,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-        model = program.model_proto
-        _check_dynamic_axes(model)
-        if path is not None:
-            program.save(os.fspath(path), external_data=False)
-        return model
-
-
-def _clear_lstm_dispatch_cache() -> None:
-    """Let the exporter's dynamic-length LSTM decomposition take effect.
-
-    ``torch.onnx.export`` temporarily registers a ``while_loop`` decomposition of
-    ``aten.lstm`` as a Python kernel but does not clear the operator's dispatch cache. Once
-    an LSTM has run in the process, the cached unrolled decomposition wins, the sequence
-    axis gets specialised and the exporter silently falls back to the example length.
-    """
-    cache = getattr(torch.ops.aten.lstm.input, "_dispatch_cache", None)
-    if cache is not None:
-        cache.clear()
-
-
-def _check_dynamic_axes(model: onnx.ModelProto) -> None:
-    """Every model input must keep symbolic batch (and sequence) axes."""
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        axes = dims[:1] if value.name == "length" else dims[:2]
-        fixed = [axis.dim_value for axis in axes if not axis.dim_param]
-        if fixed:
-            raise RuntimeError(
-                f"ONNX export fixed input {value.name!r} to size {fixed}; batch and sequence "
-                "axes must stay dynamic"
-            )

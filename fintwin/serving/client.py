@@ -1,9 +1,10 @@
 """Transports that score featurised batches: a Triton server (gRPC/HTTP) or onnxruntime in process.
 
-Both take and return the exported model's own tensors (CONTRACT.md, "Exported ONNX model"):
-``{"event_type": int64 [B,T], ..., "length": int64 [B]}`` -> ``{"next_event_probs": [B,V],
-"churn_prob": [B], ...}``. Triton's config declares per-row scalars as dims [1] reshaped to [];
-``TritonTransport`` hides that, so callers see the same shapes from either transport.
+Both take and return the exported model's own tensors, as CONTRACT.md lists them
+(``fintwin.data.contract``): ``{"event_type": int64 [batch, seq], ..., "length": int64 [batch]}``
+-> ``{"next_event_probs": [batch, vocab_size], "churn_prob": [batch], ...}``. Triton's config
+declares per-row scalars as dims [1] reshaped to []; ``TritonTransport`` hides that, so callers
+see the same shapes from either transport. ``TwinClient`` builds those inputs from raw events.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tritonclient.http as httpclient
 from google.protobuf.json_format import MessageToDict
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from fintwin.data.contract import TensorSpec, model_inputs
 from fintwin.data.features import Vocab
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
@@ -34,6 +36,7 @@ from fintwin.serving.python_model import (
     DEFAULT_MAX_BATCH_ELEMENTS,
     MAX_BATCH_ELEMENTS_PARAMETER,
     InputError,
+    MetadataError,
     OnnxModel,
     config_parameter,
     read_metadata,
@@ -247,13 +250,16 @@ class InProcessRunner:
         version_dir = model_dir / str(version)
         self.metadata = read_metadata(version_dir)
         self.max_batch_elements = _budget_of(model_dir)
-        self._model: OnnxModel | None = OnnxModel(
-            version_dir / MODEL_FILENAME,
-            self.metadata,
-            intra_op_threads,
-            providers,
-            max_batch_elements=self.max_batch_elements,
-        )
+        try:
+            self._model: OnnxModel | None = OnnxModel(
+                version_dir / MODEL_FILENAME,
+                self.metadata,
+                intra_op_threads,
+                providers,
+                max_batch_elements=self.max_batch_elements,
+            )
+        except MetadataError as exc:
+            raise ModelRepositoryError(str(exc)) from exc
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate and score one batch; raise InvalidRequestError naming the bad input."""
@@ -286,6 +292,23 @@ def _padded_width(length: int, max_len: int) -> int:
     return min(max_len, 1 << max(0, int(length - 1).bit_length()))
 
 
+def model_batch(
+    arrays: Mapping[str, np.ndarray], inputs: list[TensorSpec], width: int
+) -> dict[str, np.ndarray]:
+    """The model's ``inputs`` taken from featurised ``arrays``, the sequence inputs right-padded
+    to ``width`` events."""
+    missing = [spec.name for spec in inputs if spec.name not in arrays]
+    if missing:
+        raise ValueError(f"the featurised batch lacks the model inputs {missing}")
+    batch = {}
+    for spec in inputs:
+        array = arrays[spec.name]
+        if spec.padded and array.shape[1] < width:
+            array = np.pad(array, [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2))
+        batch[spec.name] = array
+    return batch
+
+
 class TwinClient:
     """Featurise raw events exactly as in training and score them on Triton or in process.
 
@@ -305,6 +328,8 @@ class TwinClient:
             InProcessRunner(Path(repo), model, int(version) if version else None)
             if repo is not None else TritonTransport(url, protocol, model, version))
         self.settings = self.transport.metadata
+        numeric = self.settings.get("numeric_features", [])
+        self.inputs = model_inputs({"numeric_features": len(numeric)})
         self.batch_size, self.top_k = batch_size, top_k
 
     def featurise(self, events: pd.DataFrame | str | Path, as_of: str | pd.Timestamp | None = None):
@@ -357,13 +382,10 @@ class TwinClient:
         starts = range(0, len(sequences), rows)
         for lo in tqdm(starts, disable=not progress, unit="batch", desc="scoring"):
             index = np.arange(lo, min(lo + rows, len(sequences)))
-            batch = {k: v.numpy() for k, v in sequences.batch(index, with_targets=False).items()}
-            batch["days_since_last_event"] = silence[index]
-            width = _padded_width(int(batch["length"].max()), max_len)
-            for name, array in batch.items():
-                if array.ndim >= 2 and array.shape[1] < width:
-                    pad = [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
-                    batch[name] = np.pad(array, pad)
+            arrays = {k: v.numpy() for k, v in sequences.batch(index, with_targets=False).items()}
+            arrays["days_since_last_event"] = silence[index]
+            width = _padded_width(int(arrays["length"].max()), max_len)
+            batch = model_batch(arrays, self.inputs, width)
             parts.append(self._rows(sequences.customer_ids[index], self.transport.infer(batch)))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

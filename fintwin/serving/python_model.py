@@ -1,10 +1,11 @@
 """Run an exported fintwin ONNX model with onnxruntime: in Triton's python backend or in process.
 
 This file is copied verbatim into the embedded server's runtime repository as
-``<name>/<version>/model.py`` next to the version's ``model.onnx`` (and ``fintwin.json``), so it
-imports nothing from fintwin. ``OnnxModel`` holds everything that is not Triton-specific
-(onnxruntime options, request validation, batching) and is also what the in-process runner uses,
-so both paths validate and compute identically.
+``<name>/<version>/model.py`` next to the version's ``model.onnx`` and ``fintwin.json``, so it
+imports nothing from fintwin: the bounds it checks each input against come from the contract
+table the export wrote into ``fintwin.json`` (CONTRACT.md). ``OnnxModel`` holds everything that
+is not Triton-specific (onnxruntime options, request validation, batching) and is also what the
+in-process runner uses, so both paths validate and compute identically.
 
 Per Triton ``execute`` call, the valid requests are right-padded on the sequence axis to the
 longest one and run as one onnxruntime batch, or as few as the memory budget below allows (rows
@@ -38,17 +39,12 @@ try:
 except ImportError:  # imported outside Triton's python backend (in-process runner, tests)
     pb_utils = None
 
-LENGTH_INPUT = "length"
-EVENT_TYPE_INPUT = "event_type"
-NON_NEGATIVE_INPUTS = ("delta_t", "days_since_last_event")  # gaps and silences, in days
-VOCAB_OUTPUT = "next_event_probs"
 METADATA_FILENAME = "fintwin.json"
 MAX_LEN_KEY = "max_len"  # fintwin.json: the most events per customer the model was trained to read
+CONTRACT_KEY = "contract"  # fintwin.json: the model's inputs (with bounds) and outputs
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
 MAX_BATCH_ELEMENTS_PARAMETER = "max_batch_elements"
 DEFAULT_MAX_BATCH_ELEMENTS = 1 << 18  # rows x positions per run, e.g. 1024 customers x 256 events
-# Exclusive upper bounds of the calendar id inputs (CONTRACT.md); event_type's is the vocab size.
-ID_UPPER_BOUNDS = {"day_of_week": 7, "day_of_month": 32, "hour": 24}
 
 ORT_TO_NUMPY = {
     "tensor(bool)": np.dtype(np.bool_),
@@ -70,6 +66,10 @@ NUMPY_TO_TRITON = {
 
 class InputError(ValueError):
     """A request's inputs do not match what the model expects (the client's fault: 400)."""
+
+
+class MetadataError(ValueError):
+    """The version's fintwin.json has no contract, or one that disagrees with its model.onnx."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,46 @@ class TensorSpec:
         return f"{NUMPY_TO_TRITON[self.dtype]} [{', '.join(str(d) for d in self.shape)}]"
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values an input may hold, from its contract entry: ``low`` (inclusive) and ``high``,
+    a number or the name of an axis whose size in the request bounds it, excluded when
+    ``closed`` is "left" and included when it is "both"; ``finite``: no NaN/inf."""
+
+    low: float | None
+    high: float | str | None
+    closed: str
+    finite: bool
+
+    @classmethod
+    def from_entry(cls, entry: Mapping) -> Bounds:
+        return cls(entry.get("low"), entry.get("high"), entry.get("closed", "left"),
+                   bool(entry.get("finite")))
+
+    def outside(self, array: np.ndarray, high: float | None) -> np.ndarray | None:
+        """Mask of the values out of bounds, None when all are inside (cheap when valid)."""
+        too_low = self.low is not None and array.min() < self.low
+        too_high = high is not None and (
+            array.max() > high if self.closed == "both" else array.max() >= high
+        )
+        if not (too_low or too_high):
+            return None
+        low = -np.inf if self.low is None else self.low
+        upper = np.inf if high is None else high
+        return (array < low) | ((array > upper) if self.closed == "both" else (array >= upper))
+
+    def describe(self, high: float | None) -> str:
+        """E.g. ``values in [0, 12)``, ``values in [1, 5] (5 = the size of the 'seq' axis)``,
+        ``values >= 0``."""
+        if high is None:
+            return f"values >= {_number(self.low)}"
+        axis = f" ({high} = the size of the {self.high!r} axis)" if isinstance(self.high, str) else ""
+        if self.low is None:
+            return f"values {'<=' if self.closed == 'both' else '<'} {_number(high)}{axis}"
+        right = "]" if self.closed == "both" else ")"
+        return f"values in [{_number(self.low)}, {_number(high)}{right}{axis}"
+
+
 def load_onnx(
     onnx_path: Path,
     intra_op_threads: int = 1,
@@ -127,12 +167,11 @@ class OnnxModel:
     def __init__(
         self,
         onnx_path: Path,
-        metadata: Mapping | None = None,
+        metadata: Mapping,
         intra_op_threads: int = 1,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS,
     ) -> None:
-        metadata = metadata or {}
         self.max_len = int(metadata[MAX_LEN_KEY]) if MAX_LEN_KEY in metadata else None
         self.max_batch_elements = check_budget(max_batch_elements, self.max_len)
         self.runtime = load_onnx(onnx_path, intra_op_threads, providers)
@@ -141,7 +180,7 @@ class OnnxModel:
         self.output_names = [spec.name for spec in self.outputs]
         # the first [B, T, ...] input: its T is the sequence axis every such input shares
         self.sequence_input = next((s.name for s in self.inputs if len(s.shape) >= 2), None)
-        self.vocab_size = _vocab_size(self.outputs, metadata)
+        self.bounds = contract_bounds(metadata, self.inputs, self.outputs, Path(onnx_path))
         per_position = [
             spec.name for spec in self.outputs if any(isinstance(d, str) for d in spec.shape[1:])
         ]
@@ -164,8 +203,7 @@ class OnnxModel:
             _check_tensor(inputs[spec.name], spec, axis_sizes)
         self._check_size(inputs)
         for spec in self.inputs:
-            _check_values(inputs[spec.name], spec, self.vocab_size)
-        _check_lengths(inputs, self.sequence_input)
+            _check_values(inputs[spec.name], spec.name, self.bounds[spec.name], axis_sizes)
 
     def _check_size(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Sequence axis within ``max_len``; rows x positions within ``max_batch_elements``."""
@@ -281,13 +319,41 @@ def config_parameter(config: Mapping, name: str, default: int) -> int:
         ) from None
 
 
-def _vocab_size(outputs: list[TensorSpec], metadata: Mapping) -> int | None:
-    """V from the graph's next_event_probs width, else from the metadata vocab (max id + 1)."""
-    for spec in outputs:
-        if spec.name == VOCAB_OUTPUT and len(spec.shape) == 2 and isinstance(spec.shape[1], int):
-            return spec.shape[1]
-    vocab = metadata.get("vocab")
-    return max(vocab.values()) + 1 if vocab else None
+def contract_bounds(
+    metadata: Mapping, inputs: list[TensorSpec], outputs: list[TensorSpec], onnx_path: Path
+) -> dict[str, Bounds]:
+    """Each input's bounds from the metadata's contract, once its inputs and outputs (names,
+    dtypes, shapes) are checked to be those of the graph."""
+    source = f"{onnx_path.with_name(METADATA_FILENAME)}"
+    contract = metadata.get(CONTRACT_KEY)
+    if not isinstance(contract, Mapping) or not {"inputs", "outputs"} <= set(contract):
+        raise MetadataError(
+            f"{source} has no {CONTRACT_KEY!r} with 'inputs' and 'outputs', which the served "
+            "model checks requests against; export the model again with `fintwin export`"
+        )
+    for kind, specs in (("inputs", inputs), ("outputs", outputs)):
+        declared = [_declared(entry) for entry in contract[kind]]
+        graph = [f"{spec.name} {spec.describe()}" for spec in specs]
+        if declared != graph:
+            raise MetadataError(
+                f"{source} declares {kind} {declared}, but {onnx_path.name} has {graph}; "
+                "both must come from the same export"
+            )
+    bounds = {entry["name"]: Bounds.from_entry(entry) for entry in contract["inputs"]}
+    axes = {axis for spec in inputs for axis in spec.shape if isinstance(axis, str)}
+    unknown = {name: b.high for name, b in bounds.items() if isinstance(b.high, str) and b.high not in axes}
+    if unknown:
+        raise MetadataError(
+            f"{source} bounds inputs by axes the graph does not have: {unknown}; its axes are "
+            f"{sorted(axes)}"
+        )
+    return bounds
+
+
+def _declared(entry: Mapping) -> str:
+    """A contract entry described as the graph's tensors are, e.g. ``length INT64 [batch]``."""
+    spec = TensorSpec(entry["name"], np.dtype(entry["dtype"]), tuple(entry["shape"]))
+    return f"{spec.name} {spec.describe()}"
 
 
 def _check_names(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> None:
@@ -324,47 +390,36 @@ def _check_tensor(
                     f"input {spec.name!r} has {dim} size {size} but {first_name!r} has "
                     f"{first_size}; all inputs must share the {dim} axis"
                 )
-    if array.shape[0] == 0:
-        raise InputError(f"input {spec.name!r} has an empty batch")
+    if array.size == 0:
+        raise InputError(
+            f"input {spec.name!r} has shape {list(array.shape)}; expected no empty axis "
+            "(at least one row, one event per row)"
+        )
 
 
-def _check_values(array: np.ndarray, spec: TensorSpec, vocab_size: int | None) -> None:
-    """Finite floats, non-negative where negative values mean nothing; id inputs inside
-    their vocabulary / calendar range (cheap when valid)."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+def _check_values(
+    array: np.ndarray, name: str, bounds: Bounds, axis_sizes: Mapping[str, tuple[int, str]]
+) -> None:
+    """Finite where the contract says so, and inside its bounds (cheap when valid); a bound
+    named after an axis is that axis' size in this request."""
+    if bounds.finite and not np.isfinite(array).all():
         first = tuple(np.argwhere(~np.isfinite(array))[0])
         raise InputError(
-            f"input {spec.name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
+            f"input {name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
             "expected finite values (no NaN/inf)"
         )
-    if spec.name in NON_NEGATIVE_INPUTS and (array < 0).any():
-        first = tuple(np.argwhere(array < 0)[0])
+    high = axis_sizes[bounds.high][0] if isinstance(bounds.high, str) else bounds.high
+    outside = bounds.outside(array, high)
+    if outside is not None:
+        first = tuple(np.argwhere(outside)[0])
         raise InputError(
-            f"input {spec.name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
-            "expected values >= 0"
-        )
-    upper = vocab_size if spec.name == EVENT_TYPE_INPUT else ID_UPPER_BOUNDS.get(spec.name)
-    if upper is not None and (array.min() < 0 or array.max() >= upper):
-        first = tuple(np.argwhere((array < 0) | (array >= upper))[0])
-        raise InputError(
-            f"input {spec.name!r} holds id {array[first]} at row {first[0]}"
-            f"{_position(first[1:])}; expected ids in [0, {upper})"
+            f"input {name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
+            f"expected {bounds.describe(high)}"
         )
 
 
-def _check_lengths(inputs: Mapping[str, np.ndarray], sequence_input: str | None) -> None:
-    """Each row's length must be in [1, T], T being the sequence axis of the [B, T] inputs."""
-    if LENGTH_INPUT not in inputs or sequence_input is None:
-        return
-    lengths = inputs[LENGTH_INPUT]
-    seq_len = inputs[sequence_input].shape[1]
-    bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
-    if len(bad):
-        row = bad[0]
-        raise InputError(
-            f"input {LENGTH_INPUT!r} is {lengths[row]} at row {row}; expected lengths in "
-            f"[1, T={seq_len}] (T = sequence axis of the inputs)"
-        )
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _position(position: tuple) -> str:
@@ -408,8 +463,8 @@ class TritonPythonModel:
         )
         pb_utils.Logger.log_info(
             f"loaded {version_dir / 'model.onnx'} with onnxruntime {ort.__version__}, "
-            f"{threads} intra-op thread(s), vocab size {self.model.vocab_size}, "
-            f"max_len {self.model.max_len}, at most {budget} rows x events per run"
+            f"{threads} intra-op thread(s), max_len {self.model.max_len}, at most {budget} "
+            f"rows x events per run, inputs checked against {METADATA_FILENAME}'s contract"
         )
 
     def execute(self, requests: list) -> list:

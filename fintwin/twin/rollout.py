@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fintwin.data.features import NS_PER_DAY, OOV_ID, PAD_ID, Vocab
+from fintwin.data.contract import random_inputs, sequence_inputs
+from fintwin.data.features import NS_PER_DAY, PAD_ID, Vocab
 from fintwin.data.sequences import SequenceSet, build_sequences, observation_end
 from fintwin.errors import FintwinInputError
 from fintwin.models.heads import MIN_GAP_DAYS, AmountDistribution, GapDistribution
@@ -325,16 +326,20 @@ def step_inputs(
     previous_time: Tensor,
     numeric: Tensor | None,
 ) -> dict[str, Tensor]:
-    """Encoder inputs of one new event per row, as the featuriser would build them."""
-    event = {
+    """Encoder inputs of one new event per row, as the featuriser would build them: the
+    contract's sequence inputs (CONTRACT.md) at one position, in their dtypes."""
+    values = {
         "event_type": event_type,
-        "amount": amount.float(),
-        "delta_t": (time - previous_time).float(),
+        "amount": amount,
+        "delta_t": time - previous_time,
         **calendar.features(time),
+        "numeric": numeric,
     }
-    if numeric is not None:
-        event["numeric"] = numeric.float()
-    return event
+    n_numeric = 0 if numeric is None else numeric.shape[-1]
+    return {
+        spec.name: values[spec.name].to(getattr(torch, spec.dtype))
+        for spec in sequence_inputs({"numeric_features": n_numeric})
+    }
 
 
 def mean_numeric(batch: Mapping[str, Tensor]) -> Tensor | None:
@@ -359,20 +364,10 @@ def model_device(model: TwinModule) -> torch.device:
 
 
 def _dummy_batch(model: TwinModule, length: int) -> dict[str, Tensor]:
-    device = model_device(model)
-    shape = (1, length)
-    batch = {
-        "event_type": torch.full(shape, OOV_ID + 1, dtype=torch.int64, device=device),
-        "amount": torch.zeros(shape, device=device),
-        "delta_t": torch.ones(shape, device=device),
-        "day_of_week": torch.zeros(shape, dtype=torch.int64, device=device),
-        "day_of_month": torch.ones(shape, dtype=torch.int64, device=device),
-        "hour": torch.zeros(shape, dtype=torch.int64, device=device),
-        "length": torch.tensor([length], device=device),
-    }
-    if model.hparams.n_numeric > 0:
-        batch["numeric"] = torch.zeros((*shape, model.hparams.n_numeric), device=device)
-    return batch
+    """Model inputs of one customer with ``length`` events (valid random values: only the
+    shapes of the state they give matter)."""
+    arrays = random_inputs(np.random.default_rng(0), model.contract_sizes(), 1, length, [length])
+    return {name: torch.as_tensor(value, device=model_device(model)) for name, value in arrays.items()}
 
 
 @torch.inference_mode()

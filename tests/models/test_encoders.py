@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fintwin.data.features import SEQUENCE_INPUTS
+from fintwin.data.contract import sequence_inputs
 from fintwin.models.encoders import (
     RECENCY_CAP_DAYS,
     HistorySummary,
@@ -19,7 +19,7 @@ from fintwin.models.encoders import (
 )
 
 N_NUMERIC = 2
-SEQUENCE_KEYS = (*SEQUENCE_INPUTS, "numeric")
+SEQUENCE_KEYS = tuple(spec.name for spec in sequence_inputs({"numeric_features": N_NUMERIC}))
 
 
 @pytest.fixture

@@ -10,8 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from fintwin.data.contract import OUTPUT_NAMES
+from fintwin.export.graph import ExportableTwin
 from fintwin.models.encoders import gather_last
-from fintwin.models.module import OUTPUT_NAMES, ExportableTwin, TwinModule
+from fintwin.models.module import TwinModule
 from fintwin.twin.rollout import (
     N_NOISE,
     TYPE,
@@ -248,6 +250,13 @@ def _export_parity(module: TwinModule, make_batch, n_numeric: int) -> None:
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
+    numeric = ["numeric"] if n_numeric else []
+    assert [i.name for i in session.get_inputs()] == [
+        "event_type", "amount", "delta_t", "day_of_week", "day_of_month", "hour", "length",
+        "days_since_last_event", *numeric,
+    ]
+    if n_numeric:
+        assert session.get_inputs()[-1].shape == ["batch", "seq", n_numeric]
     for lengths, max_len in (([5, 3, 1, 9], 11), ([1], 1), ([2, 2], 2)):
         batch = make_batch(lengths, max_len=max_len, n_numeric=n_numeric, seed=7)
         batch["days_since_last_event"] = torch.linspace(0.0, 400.0, len(lengths))

@@ -16,26 +16,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fintwin.data.features import SEQUENCE_INPUTS
+from fintwin.data.contract import (
+    BATCH_AXIS,
+    CONTRACT_KEY,
+    OUTPUT_NAMES,
+    SEQUENCE_AXIS,
+    exported_contract,
+    model_inputs,
+)
+from fintwin.data.contract import random_inputs as contract_random_inputs
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     format_model_config,
     read_model_config,
     write_model_version,
 )
-from fintwin.models.module import OUTPUT_NAMES, ROW_INPUTS
 from fintwin.serving.client import InProcessRunner, TritonTransport
 from fintwin.serving.python_model import MAX_BATCH_ELEMENTS_PARAMETER
 from fintwin.serving.server import EmbeddedTriton
 
 MODEL_NAME = "twin"
 VOCAB_SIZE = 12
-SEQ_INPUTS = SEQUENCE_INPUTS
+SIZES = {"vocab_size": VOCAB_SIZE, "quantiles": 3, "numeric_features": 0}
+INPUTS = model_inputs(SIZES)
 MAX_BATCH_SIZE = 64
 PREFERRED_BATCH_SIZES = (8, 32)
 MAX_QUEUE_DELAY_US = 200
 MAX_LEN = 256  # fintwin.json: longer sequences are refused
 MAX_BATCH_ELEMENTS = 8192  # config parameter: rows x events per request and per run
+METADATA = {  # fintwin.json
+    "vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)},
+    "horizon_days": 90.0,
+    "max_len": MAX_LEN,
+    CONTRACT_KEY: exported_contract(SIZES),
+}
 
 
 class StandInTwin(nn.Module):
@@ -95,28 +109,19 @@ def export_standin(path: Path) -> Path:
     """Export StandInTwin with the dynamo exporter, dynamic batch and sequence axes."""
     torch.manual_seed(0)
     model = StandInTwin().eval()
-    batch, seq = 3, 5
-    example = (
-        torch.randint(0, VOCAB_SIZE, (batch, seq)),
-        torch.rand(batch, seq),
-        torch.rand(batch, seq),
-        torch.randint(0, 7, (batch, seq)),
-        torch.randint(0, 32, (batch, seq)),
-        torch.randint(0, 24, (batch, seq)),
-        torch.tensor([5, 2, 1]),
-        torch.tensor([0.0, 3.5, 120.0]),
-    )
-    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("seq")
-    dynamic_shapes = {name: {0: batch_dim, 1: seq_dim} for name in SEQ_INPUTS}
-    dynamic_shapes |= {name: {0: batch_dim} for name in ROW_INPUTS}
+    example = random_inputs(np.random.default_rng(0), batch=3, seq=5, lengths=[5, 2, 1])
+    dims = {axis: torch.export.Dim(axis) for axis in (BATCH_AXIS, SEQUENCE_AXIS)}
     torch.onnx.export(
         model,
-        example,
+        tuple(torch.from_numpy(example[spec.name]) for spec in INPUTS),
         str(path),
         dynamo=True,
-        dynamic_shapes=dynamic_shapes,
+        dynamic_shapes={
+            spec.name: {i: dims[axis] for i, axis in enumerate(spec.axes) if axis in dims}
+            for spec in INPUTS
+        },
         external_data=False,
-        input_names=[*SEQ_INPUTS, *ROW_INPUTS],
+        input_names=[spec.name for spec in INPUTS],
         output_names=list(OUTPUT_NAMES),
         verbose=False,
     )
@@ -126,22 +131,8 @@ def export_standin(path: Path) -> Path:
 def random_inputs(
     rng: np.random.Generator, batch: int, seq: int, lengths: list[int] | None = None
 ) -> dict[str, np.ndarray]:
-    """A valid right-padded batch: zeros after each row's length."""
-    length = np.array(
-        lengths if lengths is not None else rng.integers(1, seq + 1, batch), dtype=np.int64
-    )
-    real = np.arange(seq)[None, :] < length[:, None]
-    inputs = {
-        "event_type": rng.integers(1, VOCAB_SIZE, (batch, seq)),
-        "amount": rng.gamma(2.0, 30.0, (batch, seq)).astype(np.float32),
-        "delta_t": rng.exponential(10.0, (batch, seq)).astype(np.float32),
-        "day_of_week": rng.integers(0, 7, (batch, seq)),
-        "day_of_month": rng.integers(1, 32, (batch, seq)),
-        "hour": rng.integers(0, 24, (batch, seq)),
-    }
-    inputs = {name: np.where(real, value, 0).astype(value.dtype) for name, value in inputs.items()}
-    silence = rng.exponential(30.0, batch).astype(np.float32)
-    return {**inputs, "length": length, "days_since_last_event": silence}
+    """A valid right-padded batch of the contract's inputs: zeros after each row's length."""
+    return contract_random_inputs(rng, SIZES, batch, seq, lengths)
 
 
 def assert_outputs_equal(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
@@ -185,6 +176,7 @@ class StandIn:
     max_len = MAX_LEN
     max_batch_elements = MAX_BATCH_ELEMENTS
     output_names = OUTPUT_NAMES
+    metadata = METADATA
     random_inputs = staticmethod(random_inputs)
     assert_outputs_equal = staticmethod(assert_outputs_equal)
     processes_in_group = staticmethod(processes_in_group)
@@ -205,16 +197,11 @@ def standin_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_repo(tmp_path_factory: pytest.TempPathFactory, standin_onnx: Path) -> Path:
     """The stand-in exported with ``max_len`` and a ``max_batch_elements`` budget in its config."""
     repo = tmp_path_factory.mktemp("model_repository")
-    metadata = {
-        "vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)},
-        "horizon_days": 90.0,
-        "max_len": MAX_LEN,
-    }
     write_model_version(
         repo,
         MODEL_NAME,
         standin_onnx,
-        metadata,
+        METADATA,
         device="cpu",
         max_batch_size=MAX_BATCH_SIZE,
         preferred_batch_sizes=PREFERRED_BATCH_SIZES,

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.export.triton_repo import write_model_version
-from fintwin.serving.python_model import OnnxModel, config_parameter
+from fintwin.serving.python_model import CONTRACT_KEY, OnnxModel, config_parameter
 from fintwin.serving.server import EmbeddedTriton
 
 Inputs = dict[str, np.ndarray]
@@ -26,6 +26,14 @@ STATUS = {  # tritonclient's InferenceServerException.status() per protocol
 }
 FAULTY_MODEL = "faulty"
 FAULTY_VOCAB, FAULTY_TABLE_ROWS = 12, 4
+FAULTY_METADATA = {  # the faulty graph's contract: event ids in [0, 12)
+    CONTRACT_KEY: {
+        "inputs": [{"name": "event_type", "dtype": "int64", "shape": ["batch", "seq"], "low": 0,
+                    "high": FAULTY_VOCAB, "closed": "left", "finite": False}],
+        "outputs": [{"name": "next_event_probs", "dtype": "float32",
+                     "shape": ["batch", FAULTY_VOCAB]}],
+    }
+}
 
 
 def _with(name: str, make: Callable[[Inputs], np.ndarray]) -> Callable[[Inputs], Inputs]:
@@ -44,7 +52,7 @@ def _at(name: str, row: int, position: int, value: float) -> Callable[[Inputs], 
 # (case id, a bad request made from a valid B=3 T=5 one, words its 400 message must hold).
 # Values model.py checks; dtype and batch size are checked by Triton itself.
 CLIENT_MISTAKES = [
-    ("event id >= V", _at("event_type", 2, 3, 12), ["'event_type'", "id 12", "row 2", "[0, 12)"]),
+    ("event id >= V", _at("event_type", 2, 3, 12), ["'event_type'", "holds 12", "row 2", "[0, 12)"]),
     ("negative delta_t", _at("delta_t", 1, 0, -2.5), ["'delta_t'", "-2.5", "row 1", ">= 0"]),
     ("NaN amount", _at("amount", 0, 4, np.nan), ["'amount'", "nan", "row 0", "finite"]),
     ("length > T", _with("length", lambda x: np.array([5, 6, 1])), ["'length'", "6", "row 1"]),
@@ -107,8 +115,8 @@ def test_batch_over_max_batch_size_is_400(triton_server, standin, rng, protocol)
 
 
 def export_faulty(path: Path) -> Path:
-    """A graph inconsistent with itself: next_event_probs is 12 wide, so model.py accepts
-    event ids < 12, but it gathers them from a 4-row table, so onnxruntime fails on ids 4..11."""
+    """A graph inconsistent with its contract: model.py accepts event ids < 12, but the graph
+    gathers them from a 4-row table, so onnxruntime fails on ids 4..11."""
     table = helper.make_tensor(
         "table",
         TensorProto.FLOAT,
@@ -135,7 +143,7 @@ def export_faulty(path: Path) -> Path:
 def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
     repo = tmp_path_factory.mktemp("faulty_repository")
     onnx_path = export_faulty(tmp_path_factory.mktemp("faulty") / "faulty.onnx")
-    write_model_version(repo, FAULTY_MODEL, onnx_path, {}, max_batch_size=8)
+    write_model_version(repo, FAULTY_MODEL, onnx_path, FAULTY_METADATA, max_batch_size=8)
     with EmbeddedTriton(repo, startup_timeout_s=90) as server:
         yield server
 
@@ -158,11 +166,11 @@ def test_fault_on_the_server_side_is_500_and_spares_the_next_request(faulty_serv
         client.close()
 
 
-def test_budget_below_max_len_is_refused_at_load(standin_onnx):
+def test_budget_below_max_len_is_refused_at_load(standin_onnx, standin):
     with pytest.raises(ValueError, match=r"max_batch_elements=100 is smaller than .*max_len=256"):
         OnnxModel(standin_onnx, {"max_len": 256}, max_batch_elements=100)
     with pytest.raises(ValueError, match=r"max_batch_elements=0: expected >= 1"):
-        OnnxModel(standin_onnx, max_batch_elements=0)
+        OnnxModel(standin_onnx, standin.metadata, max_batch_elements=0)
 
 
 def test_config_parameter_reads_integers_and_names_a_bad_one():

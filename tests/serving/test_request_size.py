@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from fintwin.serving.client import InvalidRequestError, TritonTransport, TwinClient
-from fintwin.serving.python_model import OnnxModel
+from fintwin.serving.python_model import CONTRACT_KEY, OnnxModel
 
 
 @pytest.fixture(params=["grpc", "http"])
@@ -72,7 +72,8 @@ class _RecordingSession:
 
 
 def test_batched_requests_are_split_into_runs_within_the_budget(standin_onnx, standin, rng):
-    model = OnnxModel(standin_onnx, max_batch_elements=40)
+    no_max_len = {CONTRACT_KEY: standin.metadata[CONTRACT_KEY]}
+    model = OnnxModel(standin_onnx, no_max_len, max_batch_elements=40)
     requests = [
         standin.random_inputs(rng, batch=b, seq=t) for b, t in [(2, 10), (2, 6), (1, 20), (3, 4)]
     ]

@@ -198,7 +198,7 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(standin_onnx, stan
         tmp_path,
         standin.model_name,
         standin_onnx,
-        {},
+        standin.metadata,
         max_batch_size=8,
         preferred_batch_sizes=[4],
         max_queue_delay_us=500_000,
