@@ -14,6 +14,13 @@ it is the best a factorised model can do, ``log_p_event`` the best any model can
 densities are per day, amount densities per currency unit (with respect to a point mass at 0
 plus Lebesgue measure). Gaps shorter than ``MIN_GAP_DAYS`` (ties in real data) are clamped.
 
+In a world with channels (``categorical_channel``) the table needs a ``channel`` column. The
+channel is an observed input, as it is to a model: ``h`` includes the channels of the events
+so far (the last one shifts the next event), no term scores a channel, and the segment
+posterior also weighs each channel seen, the first event's included, by its probability
+given the earlier channels and the segment (the customer's propensities integrated out:
+Dirichlet-multinomial).
+
 The marginal baseline ignores history: type frequencies, a gap mixture with dormancy and a
 zero-inflated amount mixture, fitted on training customers and scored in the same frame.
 Between the two lies a model's ``oracle_skill`` (``fintwin.models.quality``).
@@ -29,12 +36,15 @@ from scipy.special import log_ndtr
 
 from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY
 from fintwin.data.simulator import (
+    CHANNEL_COLUMN,
+    CHANNELS,
     EVENT_TYPES,
     SALARY_ID,
     SEGMENTS,
     ProcessParams,
     SimulatorConfig,
     days_since_epoch,
+    next_amount_log_median,
     next_gap_params,
     next_type_logits,
     process_params,
@@ -75,15 +85,20 @@ def _lognormal_logsf(x: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.nda
 
 
 def _amount_logpdf(
-    p: ProcessParams, seg: np.ndarray | int, event_type: np.ndarray, amount: np.ndarray
+    p: ProcessParams,
+    seg: np.ndarray | int,
+    event_type: np.ndarray,
+    amount: np.ndarray,
+    last_channel: np.ndarray | None = None,
 ) -> np.ndarray:
-    """log p(amount | type, segment) per currency unit, with the point mass at 0."""
+    """log p(amount | type, segment, last channel) per currency unit, with the point mass at 0."""
     zero = p.zero_prob[event_type]
     positive = amount > 0
     safe = np.where(positive, amount, 1.0)
     with np.errstate(divide="ignore"):
         dens = np.log1p(-zero) + _lognormal_logpdf(
-            safe, p.amount_log_median[seg, event_type], p.amount_sigma[event_type]
+            safe, next_amount_log_median(p, seg, event_type, last_channel),
+            p.amount_sigma[event_type],
         )
         return np.where(positive, dens, np.log(zero))
 
@@ -105,16 +120,17 @@ class _Table:
     is_last: np.ndarray
     gap: np.ndarray  # gap to the previous event of the customer (clamped), at scored rows
     censored: np.ndarray  # days from each customer's last event to observation end
+    channel: np.ndarray | None = None  # channel ids (``CHANNELS``) in a world with channels
 
 
-def _sorted_events(events: pd.DataFrame) -> pd.DataFrame:
-    """Check required columns and sort by (customer_id, timestamp) unless already sorted."""
-    missing = [c for c in ("customer_id", "timestamp", "event_type", "amount") if c not in events]
+def _sorted_events(events: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Check the ``columns`` and sort by (customer_id, timestamp) unless already sorted."""
+    missing = [c for c in columns if c not in events]
     if missing:
         raise ValueError(f"event table is missing required columns: {missing}")
     if events.empty:
         raise ValueError("event table is empty")
-    frame = events[["customer_id", "timestamp", "event_type", "amount"]].copy()
+    frame = events[columns].copy()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], format="ISO8601")
     cust = frame["customer_id"].to_numpy()
     same = cust[1:] == cust[:-1]
@@ -127,15 +143,26 @@ def _sorted_events(events: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["customer_id", "timestamp"], kind="mergesort")
 
 
-def _encode(
-    events: pd.DataFrame, event_types: tuple[str, ...], observation_end: pd.Timestamp | str
-) -> _Table:
-    """Validate and encode an event table against a vocabulary of event types."""
-    frame = _sorted_events(events)
-    codes = pd.Categorical(frame["event_type"].astype(str), categories=list(event_types)).codes
+def _codes(frame: pd.DataFrame, column: str, values: tuple[str, ...]) -> np.ndarray:
+    """Ids of ``column``'s values in ``values``; ValueError naming the others."""
+    codes = pd.Categorical(frame[column].astype(str), categories=list(values)).codes
     if (codes < 0).any():
-        unknown = sorted(set(frame["event_type"].astype(str)[codes < 0]))
-        raise ValueError(f"event types not in the vocabulary {list(event_types)}: {unknown}")
+        unknown = sorted(set(frame[column].astype(str)[codes < 0]))
+        raise ValueError(f"{column} values not in the vocabulary {list(values)}: {unknown}")
+    return codes.astype(np.int64)
+
+
+def _encode(
+    events: pd.DataFrame,
+    event_types: tuple[str, ...],
+    observation_end: pd.Timestamp | str,
+    with_channel: bool = False,
+) -> _Table:
+    """Validate and encode an event table against a vocabulary of event types (and the
+    ``channel`` column against ``CHANNELS``)."""
+    columns = ["customer_id", "timestamp", "event_type", "amount"]
+    frame = _sorted_events(events, columns + [CHANNEL_COLUMN] * with_channel)
+    codes = _codes(frame, "event_type", event_types)
     amount = frame["amount"].to_numpy(dtype=float)
     bad = ~np.isfinite(amount) | (amount < 0)
     if bad.any():
@@ -156,12 +183,13 @@ def _encode(
     return _Table(
         frame=frame,
         t=t,
-        type_id=codes.astype(np.int64),
+        type_id=codes,
         amount=amount,
         is_first=is_first,
         is_last=is_last,
         gap=gap,
         censored=end - t[is_last],
+        channel=_codes(frame, CHANNEL_COLUMN, CHANNELS) if with_channel else None,
     )
 
 
@@ -179,13 +207,30 @@ class _Filtered:
     log_type: np.ndarray  # [S, n] log p(type_i | h, s); 0 at first events
     log_gap: np.ndarray  # [S, n] log (1 - q_s) f_s(gap_i | h)
     log_amount: np.ndarray  # [S, n] log p(amount_i | type_i, s)
+    log_channel: np.ndarray  # [S, n] log p(channel_i | earlier channels, s); 0 without channels
     log_post: np.ndarray  # [S, n] normalised log posterior given the events before i
 
     def log_post_after(self, rows: np.ndarray) -> np.ndarray:
         """Normalised log posterior [S, len(rows)] given the events up to and including rows."""
         post = self.log_post[:, rows] + self.log_type[:, rows] + self.log_gap[:, rows]
-        post += self.log_amount[:, rows]
+        post += self.log_amount[:, rows] + self.log_channel[:, rows]
         return post - _logsumexp(post, axis=0)
+
+    def last_channel(self, rows: np.ndarray) -> np.ndarray | None:
+        """Channel ids at ``rows`` (None in a world without channels)."""
+        return None if self.table.channel is None else self.table.channel[rows]
+
+
+def _channel_log_probs(table: _Table, alpha: np.ndarray) -> np.ndarray:
+    """[S, n] log p(channel_i | the customer's earlier channels, s): the Dirichlet-multinomial
+    predictive ``(alpha_sc + n_c) / (sum_c alpha_sc + n)`` over the ``n`` earlier events."""
+    seen = np.eye(len(CHANNELS))[table.channel]
+    before = np.cumsum(seen, axis=0) - seen
+    first = _last_index(table.is_first)
+    before -= before[first]
+    same = before[np.arange(len(table.t)), table.channel]
+    earlier = np.arange(len(table.t)) - first
+    return np.log(alpha[:, table.channel] + same) - np.log(alpha.sum(axis=1)[:, None] + earlier)
 
 
 def _filter(table: _Table, p: ProcessParams) -> _Filtered:
@@ -196,25 +241,30 @@ def _filter(table: _Table, p: ProcessParams) -> _Filtered:
     rows = np.flatnonzero(~table.is_first)
     prev = rows - 1
     last_type, last_since, last_time = table.type_id[prev], since_salary[prev], table.t[prev]
-    terms = np.zeros((3, n_seg, n))
+    last_channel = None if table.channel is None else table.channel[prev]
+    terms = np.zeros((4, n_seg, n))
     for s in range(n_seg):
-        logits = next_type_logits(p, s, last_type, last_since)
+        logits = next_type_logits(p, s, last_type, last_since, last_channel)
         chosen = logits[table.type_id[rows], np.arange(len(rows))]
         terms[0, s, rows] = chosen - _logsumexp(logits, axis=0)
-        mu, sigma = next_gap_params(p, s, last_type, last_since, last_time)
+        mu, sigma = next_gap_params(p, s, last_type, last_since, last_time, last_channel)
         log_f = _lognormal_logpdf(table.gap[rows], mu, sigma)
         terms[1, s, rows] = np.log1p(-p.dormancy[s]) + log_f
-        terms[2, s, rows] = _amount_logpdf(p, s, table.type_id[rows], table.amount[rows])
+        terms[2, s, rows] = _amount_logpdf(
+            p, s, table.type_id[rows], table.amount[rows], last_channel
+        )
     impossible = ~np.isfinite(terms[2]).any(axis=0)
     if impossible.any():
         bad = table.frame.iloc[np.flatnonzero(impossible)]
         raise ValueError(f"amounts impossible under the process (zero_amount_prob):\n{bad.head()}")
+    if table.channel is not None:
+        terms[3] = _channel_log_probs(table, p.channel_alpha)
     joint = terms.sum(axis=0)
     joint -= joint.max(axis=0)  # only differences between segments matter
     before = np.cumsum(joint, axis=1) - joint
     log_post = p.log_prior[:, None] + before - before[:, _last_index(table.is_first)]
     log_post -= _logsumexp(log_post, axis=0)
-    return _Filtered(table, since_salary, terms[0], terms[1], terms[2], log_post)
+    return _Filtered(table, since_salary, *terms, log_post)
 
 
 def _censored_log_prob(
@@ -224,7 +274,9 @@ def _censored_log_prob(
     t = fil.table
     terms = fil.log_post_after(rows)
     for s in range(len(SEGMENTS)):
-        mu, sigma = next_gap_params(p, s, t.type_id[rows], fil.since_salary[rows], t.t[rows])
+        mu, sigma = next_gap_params(
+            p, s, t.type_id[rows], fil.since_salary[rows], t.t[rows], fil.last_channel(rows)
+        )
         with np.errstate(divide="ignore"):
             log_q = np.log(p.dormancy[s])
         survive = np.log1p(-p.dormancy[s]) + _lognormal_logsf(elapsed, mu, sigma)
@@ -259,11 +311,12 @@ def oracle_log_likelihood(
     ``log_p_censored`` is set only at each customer's last event. ``observation_end`` defaults
     to ``config.end``. Per-event columns are defined in the module docstring; summarise them
     with ``nll_per_event``. Raises ValueError for tables the process cannot produce (unknown
-    event types, negative amounts, impossible zero / non-zero amounts, events after the end).
+    event types or channels, a missing ``channel`` column in a world with channels, negative
+    amounts, impossible zero / non-zero amounts, events after the end).
     """
     p = process_params(config)
     end = config.end if observation_end is None else observation_end
-    fil = _filter(_encode(events, EVENT_TYPES, end), p)
+    fil = _filter(_encode(events, EVENT_TYPES, end, config.categorical_channel), p)
     rows = np.flatnonzero(~fil.table.is_first)
     w = fil.log_post[:, rows]
     w_type = w + fil.log_type[:, rows]

@@ -23,6 +23,15 @@ Generative story (all times in days, amounts in currency units):
    - amount: 0 with probability ``zero_amount_prob[type]`` (1 for ``app_login``), else
      log-normal with median ``amount_median[s][type]`` and ``sigma = amount_sigma[type]``.
 3. Events at or after ``end`` are not emitted: each customer's last gap is censored there.
+4. With ``categorical_channel``, every event also has a ``channel`` (``CHANNELS``: card,
+   online, branch), an observed input rather than a predicted target. Each customer draws
+   channel propensities ``theta ~ Dirichlet(channel_concentration * channel_probs[s])`` and
+   every event's channel ``~ theta``. The channel of the last event shifts the next event:
+   ``channel_type_logits[channel]`` adds to the type logits, ``channel_gap_shift[channel]``
+   to the gap's log-median and ``channel_amount_shift[channel]`` to the amount's. Channels
+   come from a random stream of their own, so the other columns are those of the world
+   without channels only when every channel effect is 0; with the flag off no channel is
+   drawn and the output is unchanged.
 
 Events are scored under this process by the oracle in ``fintwin.data.oracle``, which
 uses the same factor functions (``next_type_logits``, ``next_gap_params``).
@@ -30,6 +39,7 @@ uses the same factor functions (``next_type_logits``, ``next_gap_params``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +59,8 @@ EVENT_TYPES: tuple[str, ...] = (
 SEGMENTS: tuple[str, ...] = ("student", "salaried", "high_net_worth", "small_business")
 SALARY_ID = EVENT_TYPES.index("salary")
 _LOGIN = EVENT_TYPES.index("app_login")
+CHANNELS: tuple[str, ...] = ("card", "online", "branch")
+CHANNEL_COLUMN = "channel"
 
 
 @dataclass
@@ -104,6 +116,27 @@ class SimulatorConfig:
     )
     amount_sigma: list[float] = field(default_factory=lambda: [0.3, 1.2, 1.4, 0.8, 0.35, 1.0])
     zero_amount_prob: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.01, 0.0, 0.0, 1.0])
+    categorical_channel: bool = False  # emit a `channel` column (step 4 of the module doc)
+    channel_probs: list[list[float]] = field(
+        default_factory=lambda: [
+            # card, online, branch: a segment's mean propensities
+            [0.55, 0.4, 0.05],  # student
+            [0.45, 0.35, 0.2],  # salaried
+            [0.2, 0.5, 0.3],  # high_net_worth
+            [0.25, 0.3, 0.45],  # small_business
+        ]
+    )
+    channel_concentration: float = 3.0  # customers' propensities spread around the segment's
+    channel_type_logits: list[list[float]] = field(
+        default_factory=lambda: [
+            # next: salary, card, transfer, cash, loan, login      (rows: last channel)
+            [0.0, 1.0, -0.5, 0.0, 0.0, -0.5],  # card
+            [0.0, -0.8, 1.0, -1.0, 0.3, 1.0],  # online
+            [0.0, -1.0, 0.3, 1.5, 1.2, -1.0],  # branch
+        ]
+    )
+    channel_gap_shift: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.6])
+    channel_amount_shift: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.8])
 
 
 @dataclass(frozen=True)
@@ -128,6 +161,10 @@ class ProcessParams:
     amount_log_median: np.ndarray  # [S, K]
     amount_sigma: np.ndarray  # [K]
     zero_prob: np.ndarray  # [K]
+    channel_alpha: np.ndarray | None = None  # [S, C] Dirichlet parameters; None: no channel
+    channel_type_logits: np.ndarray | None = None  # [K next, C last]
+    channel_gap_shift: np.ndarray | None = None  # [C]
+    channel_amount_shift: np.ndarray | None = None  # [C]
 
 
 def _array(name: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
@@ -178,7 +215,7 @@ def process_params(config: SimulatorConfig) -> ProcessParams:
             raise ValueError(f"SimulatorConfig.{name} must be > 0")
     with np.errstate(divide="ignore"):
         log_prior = np.log(prior)
-    return ProcessParams(
+    params = ProcessParams(
         start=start,
         end=end,
         log_prior=log_prior,
@@ -200,11 +237,33 @@ def process_params(config: SimulatorConfig) -> ProcessParams:
         amount_sigma=positive["amount_sigma"],
         zero_prob=zero_prob,
     )
+    return _with_channel(params, config) if config.categorical_channel else params
+
+
+def _with_channel(params: ProcessParams, config: SimulatorConfig) -> ProcessParams:
+    """``params`` with the channel's parameters, validated."""
+    n_seg, n_types, n_channels = len(SEGMENTS), len(EVENT_TYPES), len(CHANNELS)
+    probs = _array("channel_probs", config.channel_probs, (n_seg, n_channels))
+    if (probs <= 0).any() or not np.allclose(probs.sum(axis=1), 1.0):
+        raise ValueError("SimulatorConfig.channel_probs must be positive and each row sum to 1")
+    if not config.channel_concentration > 0:
+        raise ValueError("SimulatorConfig.channel_concentration must be > 0")
+    type_logits = _array("channel_type_logits", config.channel_type_logits, (n_channels, n_types))
+    return dataclasses.replace(
+        params,
+        channel_alpha=config.channel_concentration * probs,
+        channel_type_logits=type_logits.T.copy(),
+        channel_gap_shift=_array("channel_gap_shift", config.channel_gap_shift, (n_channels,)),
+        channel_amount_shift=_array(
+            "channel_amount_shift", config.channel_amount_shift, (n_channels,)
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------
 # The process: one function per factor, shared by the sampler and the oracle. ``seg`` is a
 # per-row int array (sampling) or one segment id broadcast over all rows (oracle).
+# ``last_channel`` (channel ids of the last events) is None in a world without channels.
 # --------------------------------------------------------------------------------------
 
 
@@ -214,11 +273,17 @@ def _weekday(t: np.ndarray) -> np.ndarray:
 
 
 def next_type_logits(
-    p: ProcessParams, seg: np.ndarray | int, last_type: np.ndarray, since_salary: np.ndarray
+    p: ProcessParams,
+    seg: np.ndarray | int,
+    last_type: np.ndarray,
+    since_salary: np.ndarray,
+    last_channel: np.ndarray | None = None,
 ) -> np.ndarray:
     """Unnormalised log-probabilities [K, n] of the next event's type."""
     base = p.type_logits[:, seg].reshape(len(EVENT_TYPES), -1)
     logits = base + p.transition_logits[:, last_type]
+    if last_channel is not None:
+        logits += p.channel_type_logits[:, last_channel]
     rhythm = expit((since_salary - p.salary_period) / p.salary_window)
     logits[SALARY_ID] += p.salary_rhythm[seg] * rhythm
     return logits
@@ -230,6 +295,7 @@ def next_gap_params(
     last_type: np.ndarray,
     since_salary: np.ndarray,
     last_time: np.ndarray,
+    last_channel: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-normal (mu, sigma) of the next gap in days, each [n]."""
     mu = (
@@ -238,7 +304,20 @@ def next_gap_params(
         + p.payday_shift * np.exp(-since_salary / p.payday_decay)
         + p.weekend_shift * (_weekday(last_time) >= 5)
     )
+    if last_channel is not None:
+        mu = mu + p.channel_gap_shift[last_channel]
     return mu, np.broadcast_to(p.gap_sigma[seg], mu.shape)
+
+
+def next_amount_log_median(
+    p: ProcessParams,
+    seg: np.ndarray | int,
+    event_type: np.ndarray,
+    last_channel: np.ndarray | None = None,
+) -> np.ndarray:
+    """Log-median [n] of the next event's non-zero amount, given its type."""
+    mu = p.amount_log_median[seg, event_type]
+    return mu if last_channel is None else mu + p.channel_amount_shift[last_channel]
 
 
 @dataclass(frozen=True)
@@ -258,16 +337,17 @@ def _draw_next(
     since_salary: np.ndarray,
     last_time: np.ndarray,
     rng: np.random.Generator,
+    last_channel: np.ndarray | None = None,
 ) -> _Draw:
     """Sample dormancy, then the next (type, gap, amount) for every row."""
     n = seg.shape[0]
     u = rng.random((3, n))
     z = rng.standard_normal((2, n))
-    logits = next_type_logits(p, seg, last_type, since_salary)
+    logits = next_type_logits(p, seg, last_type, since_salary, last_channel)
     cdf = np.cumsum(np.exp(logits - logits.max(axis=0)), axis=0)
     event_type = (u[1] * cdf[-1] > cdf[:-1]).sum(axis=0)
-    mu, sigma = next_gap_params(p, seg, last_type, since_salary, last_time)
-    amount_mu = p.amount_log_median[seg, event_type]
+    mu, sigma = next_gap_params(p, seg, last_type, since_salary, last_time, last_channel)
+    amount_mu = next_amount_log_median(p, seg, event_type, last_channel)
     amount = np.exp(amount_mu + p.amount_sigma[event_type] * z[1])
     return _Draw(
         dormant=u[0] < p.dormancy[seg],
@@ -282,10 +362,25 @@ def _draw_next(
 # --------------------------------------------------------------------------------------
 
 
-def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """Independent streams for the customers (segment, join) and for their events."""
-    customers, events = np.random.SeedSequence(seed).spawn(2)
-    return np.random.default_rng(customers), np.random.default_rng(events)
+def _rngs(seed: int) -> tuple[np.random.Generator, ...]:
+    """Independent streams for the customers (segment, join), their events and their
+    channels (spawned children do not depend on how many are spawned)."""
+    return tuple(np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(3))
+
+
+class _Channels:
+    """Each customer's channel propensities and the channel of each of their events."""
+
+    def __init__(self, p: ProcessParams, seg: np.ndarray, rng: np.random.Generator) -> None:
+        self.rng = rng
+        # a Dirichlet(alpha) draw per customer: normalised Gamma(alpha_k) draws
+        gamma = rng.standard_gamma(p.channel_alpha[seg])
+        self.cdf = np.cumsum(gamma / gamma.sum(axis=1, keepdims=True), axis=1)
+
+    def draw(self, cust: np.ndarray) -> np.ndarray:
+        """One channel id per row of ``cust`` (customer indices)."""
+        u = self.rng.random(len(cust))[:, None]
+        return np.minimum((u > self.cdf[cust]).sum(axis=1), len(CHANNELS) - 1)
 
 
 def _draw_customers(
@@ -314,30 +409,34 @@ def customer_segments(config: SimulatorConfig) -> pd.Series:
 
 
 def simulate(config: SimulatorConfig) -> pd.DataFrame:
-    """Simulate the world: the event table (customer_id, timestamp, event_type, amount).
+    """Simulate the world: the event table (customer_id, timestamp, event_type, amount, and
+    ``channel`` with ``config.categorical_channel``).
 
     Sorted by customer then time; deterministic given ``config.seed``. All active customers
     advance one event per step, so the cost is a few numpy calls per step.
     """
     p = process_params(config)
-    customer_rng, rng = _rngs(config.seed)
+    customer_rng, rng, channel_rng = _rngs(config.seed)
     seg, join = _draw_customers(p, config.n_customers, customer_rng)
+    channels = _Channels(p, seg, channel_rng) if config.categorical_channel else None
     cust = np.arange(config.n_customers)
     t, anchor = join, join
     last = np.full(cust.shape, _LOGIN)
-    chunks = [(cust, t, last, np.zeros(cust.shape))]
+    channel = None if channels is None else channels.draw(cust)
+    chunks = [(cust, t, last, np.zeros(cust.shape), channel)]
     while cust.size:
-        draw = _draw_next(p, seg, last, t - anchor, t, rng)
+        draw = _draw_next(p, seg, last, t - anchor, t, rng, channel)
         t_next = t + draw.gap
         keep = ~draw.dormant & (t_next < p.end)
         cust, seg, anchor = cust[keep], seg[keep], anchor[keep]
         t, last = t_next[keep], draw.event_type[keep]
         anchor = np.where(last == SALARY_ID, t, anchor)
-        chunks.append((cust, t, last, draw.amount[keep]))
-    cust, t, types, amount = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
+        channel = None if channels is None else channels.draw(cust)
+        chunks.append((cust, t, last, draw.amount[keep], channel))
+    cust, t, types, amount, channel = (_concatenate(parts) for parts in zip(*chunks, strict=True))
     order = np.argsort(cust, kind="stable")  # each customer's events were emitted in time order
     ns = np.round(t[order] * NS_PER_DAY).astype(np.int64)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "customer_id": _customer_ids(config.n_customers)[cust[order]],
             "timestamp": ns.view("datetime64[ns]"),
@@ -345,5 +444,12 @@ def simulate(config: SimulatorConfig) -> pd.DataFrame:
             "amount": amount[order],
         }
     )
+    if channel is not None:
+        frame[CHANNEL_COLUMN] = np.array(CHANNELS, dtype=object)[channel[order]]
+    return frame
+
+
+def _concatenate(parts: tuple[np.ndarray | None, ...]) -> np.ndarray | None:
+    return None if parts[0] is None else np.concatenate(parts)
 
 

@@ -16,6 +16,7 @@ from fintwin.data.oracle import (
     oracle_log_likelihood,
 )
 from fintwin.data.simulator import (
+    CHANNELS,
     EVENT_TYPES,
     SEGMENTS,
     SimulatorConfig,
@@ -231,3 +232,103 @@ def test_oracle_rejects_tables_the_process_cannot_produce(change, message):
         bad.loc[6, column] = value
     with pytest.raises(ValueError, match=message):
         oracle_log_likelihood(bad, SimulatorConfig(), "2024-01-01")
+
+
+# 4. the categorical channel: an observed input the oracle conditions on -------------------
+
+CHANNEL_WORLD = dataclasses.replace(SMALL, n_customers=1000, categorical_channel=True)
+
+
+@pytest.fixture(scope="module")
+def channel_world() -> pd.DataFrame:
+    return simulate(CHANNEL_WORLD)
+
+
+def test_oracle_beats_a_channel_blind_process(channel_world):
+    true = nll_per_event(oracle_log_likelihood(channel_world, CHANNEL_WORLD))["total"]
+    blind = dataclasses.replace(
+        CHANNEL_WORLD,
+        channel_type_logits=[[0.0] * len(EVENT_TYPES)] * len(CHANNELS),
+        channel_gap_shift=[0.0] * len(CHANNELS),
+        channel_amount_shift=[0.0] * len(CHANNELS),
+    )
+    wrong = nll_per_event(oracle_log_likelihood(channel_world, blind))["total"]
+    assert wrong - true > 0.3
+
+
+def test_oracle_conditions_on_the_last_channel_and_weighs_channels_in_the_posterior():
+    """Type, gap and amount follow the last event's channel; the segment posterior weighs
+    every channel by its Dirichlet-multinomial probability (formulas of the module docs)."""
+    config = dataclasses.replace(SimulatorConfig(), categorical_channel=True)
+    s, login, salary = 1, 5, 0
+    events = HAND_MADE[HAND_MADE["customer_id"] == "a"].assign(
+        channel=["branch", "online", "online"]
+    )
+    known = dataclasses.replace(config, segment_prior=[0.0, 1.0, 0.0, 0.0])
+    out = oracle_log_likelihood(events, known, "2023-01-15")
+    branch, online = CHANNELS.index("branch"), CHANNELS.index("online")
+    logits = np.array(config.type_logits[s]) + np.array(config.transition_logits[login])
+    logits += np.array(config.channel_type_logits[branch])
+    logits[salary] += config.salary_rhythm[s] * expit(-config.salary_period_days)
+    assert out["log_p_type"].iloc[1] == pytest.approx(logits[salary] - logsumexp(logits))
+    mu = (np.log(config.gap_median_days[s]) + config.gap_log_shift[login]
+          + config.payday_gap_shift + config.channel_gap_shift[branch])  # fmt: skip
+    expected_gap = np.log1p(-config.dormancy_prob[s]) + stats.lognorm.logpdf(
+        1.5, s=config.gap_sigma[s], scale=np.exp(mu)
+    )
+    assert out["log_p_gap"].iloc[1] == pytest.approx(expected_gap)
+    amount_mu = np.log(2800.0) + config.channel_amount_shift[branch]
+    expected_amount = stats.lognorm.logpdf(
+        3000.0, s=config.amount_sigma[salary], scale=np.exp(amount_mu)
+    )
+    assert out["log_p_amount"].iloc[1] == pytest.approx(expected_amount)
+
+    # one event per customer: only its channel informs the segment posterior
+    single = HAND_MADE[HAND_MADE["customer_id"] == "b"].assign(channel="branch")
+    prior, probs = np.array(config.segment_prior), np.array(config.channel_probs)
+    posterior = prior * probs[:, branch] / (prior * probs[:, branch]).sum()
+    t = pd.Timestamp("2023-03-01 08:00")
+    elapsed = (pd.Timestamp("2023-03-10") - t) / pd.Timedelta(days=1)
+    survival = 0.0
+    for seg in range(len(SEGMENTS)):
+        mu = (np.log(config.gap_median_days[seg]) + config.gap_log_shift[1]
+              + config.payday_gap_shift * np.exp(-0.0) + config.channel_gap_shift[branch])  # fmt: skip
+        q = config.dormancy_prob[seg]
+        sf = stats.lognorm.sf(elapsed, s=config.gap_sigma[seg], scale=np.exp(mu))
+        survival += posterior[seg] * (q + (1 - q) * sf)
+    censored = oracle_log_likelihood(single, config, "2023-03-10")["log_p_censored"].iloc[0]
+    assert censored == pytest.approx(np.log(survival))
+    # a second channel is weighed given the first: (alpha_c + n_c) / (sum(alpha) + n)
+    pair = events.iloc[:2].assign(channel=["online", "online"])
+    alpha = config.channel_concentration * probs
+    weights = prior * (alpha[:, online] / alpha.sum(axis=1))
+    weights *= (alpha[:, online] + 1) / (alpha.sum(axis=1) + 1)
+    got = oracle_log_likelihood(pair, config, "2023-01-15")["log_p_censored"].iloc[1]
+    assert got == pytest.approx(_censored_given_weights(pair, config, "2023-01-15")(weights))
+
+
+def _censored_given_weights(pair: pd.DataFrame, config: SimulatorConfig, end: str):
+    """log P(no event until ``end``) after the pair as a function of the segment weights the
+    channels (and the prior) give; the second event's own terms and the survival per segment
+    come from the oracle with one-hot segment priors."""
+    terms, survival = [], []
+    for seg in range(len(SEGMENTS)):
+        known = dataclasses.replace(config, segment_prior=list(np.eye(len(SEGMENTS))[seg]))
+        out = oracle_log_likelihood(pair, known, end)
+        terms.append(out["log_p_event"].iloc[1])
+        survival.append(out["log_p_censored"].iloc[1])
+    terms, survival = np.array(terms), np.array(survival)
+
+    def log_survival(channel_weights: np.ndarray) -> float:
+        log_w = np.log(channel_weights) + terms
+        return float(logsumexp(log_w + survival) - logsumexp(log_w))
+
+    return log_survival
+
+
+def test_oracle_refuses_a_world_with_channels_without_them():
+    config = dataclasses.replace(SimulatorConfig(), categorical_channel=True)
+    with pytest.raises(ValueError, match=r"missing required columns: \['channel'\]"):
+        oracle_log_likelihood(HAND_MADE, config, "2024-01-01")
+    with pytest.raises(ValueError, match=r"channel values not in the vocabulary.*'atm'"):
+        oracle_log_likelihood(HAND_MADE.assign(channel="atm"), config, "2024-01-01")
