@@ -66,12 +66,12 @@ def forecast_errors(
 ) -> dict[str, float]:
     """Rollout forecast metrics of ``customers`` (all when None) over (cutoff, end]."""
     cutoff, end = window
-    twin, spec = load_model(ckpt, "cpu")
+    twin = load_model(ckpt, "cpu")
     if customers is not None:
         events = events[events["customer_id"].isin(customers)]
     config = replace(rollout_config(events, samples, seed, max_steps=1000), progress=False)
     result = rollout(
-        twin.model, spec.sequences(events, cutoff), spec.vocab, pd.Timestamp(end), config
+        twin.model, twin.spec.sequences(events, cutoff), twin.spec.vocab, pd.Timestamp(end), config
     )
     return forecast_metrics(rollout_forecast(result), holdout_actuals(events, cutoff, end))
 
@@ -90,7 +90,7 @@ def main() -> None:
     val_nll = metrics.dropna(subset=["val/event_nll"]).set_index("epoch")["val/event_nll"]
     customers = validation_customers(run_dir)
     checkpoints = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
-    events = read_events(load_model(checkpoints[0], "cpu")[0], "cdnow")  # read once
+    events = read_events(load_model(checkpoints[0], "cpu"), "cdnow")  # read once
     table = Table(
         title=f"CDNOW, seed {args.seed}, {args.samples} samples: {started}, {machine()}"
     )

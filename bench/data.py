@@ -12,12 +12,10 @@ import argparse
 import time
 import tracemalloc
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fintwin.data.features import Vocab
-from fintwin.data.sequences import build_sequences
+from fintwin.data.features import FeaturiserSpec, Vocab
 from fintwin.data.simulator import SimulatorConfig, simulate
 
 EVENTS_PER_CUSTOMER = 52  # the default simulated world's average
@@ -30,10 +28,10 @@ def measure(n_events: int) -> dict[str, float]:
     events = simulate(config)
     simulate_s = time.perf_counter() - started
     table_bytes = events.memory_usage(deep=True).sum()
-    vocab = Vocab.fit(np.unique(events["event_type"].to_numpy()))
+    spec = FeaturiserSpec(Vocab.fit(events["event_type"]), max_len=256, horizon_days=30)
 
     def build():
-        return build_sequences(events, vocab, cutoff="2023-09-30", horizon_days=30, max_len=256)
+        return spec.sequences(events, "2023-09-30")
 
     started = time.perf_counter()
     sequences = build()

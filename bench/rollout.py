@@ -37,10 +37,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fintwin.data.features import Vocab, fit_scaling
+from fintwin.data.features import FeaturiserSpec, Scaling, Vocab
 from fintwin.data.sources import CDNOW_SCHEMA, load_events
 from fintwin.models.module import TwinModule
-from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
+from fintwin.twin.rollout import RolloutConfig, rollout
 
 REPO = Path(__file__).resolve().parents[1]
 CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
@@ -75,9 +75,9 @@ def cdnow_histories(customers: int):
     keep = events["customer_id"].drop_duplicates().iloc[:customers]
     events = events[events["customer_id"].isin(keep)]
     vocab = Vocab.fit(events["event_type"])
-    spec = HistorySpec(vocab, horizon_days=91.0, max_len=MAX_LEN, numeric_features=("cds",))
+    spec = FeaturiserSpec(vocab, horizon_days=91.0, max_len=MAX_LEN, numeric_features=("cds",))
     sequences = spec.sequences(events, CUTOFF)
-    return sequences, vocab, fit_scaling(sequences.features)
+    return sequences, vocab, Scaling.fit(sequences.features).to_dict()
 
 
 THROUGHPUT_COLUMNS = (

@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fintwin.data.contract import CONTRACT_KEY, exported_contract, random_inputs
-from fintwin.data.features import Vocab
+from fintwin.data.features import FEATURISER_KEY, FeaturiserSpec, Vocab
 from fintwin.data.simulator import EVENT_TYPES
 from fintwin.export.graph import ExportableTwin
 from fintwin.export.onnx import export_onnx
@@ -145,16 +145,10 @@ def random_twin(encoder: str, seed: int) -> TrainedTwin:
         scaling=SCALING,
         horizon_days=HORIZON_DAYS,
     ).eval()
-    data = {
-        "vocab": vocab.to_dict(),
-        "numeric_features": [],
-        "horizon_days": HORIZON_DAYS,
-        "max_len": MAX_LEN,
-        "same_day_merge": False,
-        "observation_end": "2024-06-30",
-        "scaling": SCALING,
-    }
-    return TrainedTwin(model, data)
+    spec = FeaturiserSpec(vocab, max_len=MAX_LEN, horizon_days=HORIZON_DAYS)
+    split = {"source": "synthetic", "cutoff": "2024-06-29", "observation_end": "2024-06-30",
+             "simulator": None}
+    return TrainedTwin(model, spec, split)
 
 
 def build_repository(repo: Path) -> dict[str, ExportableTwin]:
@@ -164,8 +158,8 @@ def build_repository(repo: Path) -> dict[str, ExportableTwin]:
         twin = random_twin(encoder, seed)
         onnx_path = repo.parent / f"{encoder}.onnx"
         export_onnx(twin, onnx_path)
-        metadata = {**twin.data, "quantiles": list(QUANTILE_LEVELS), "encoder": encoder,
-                    CONTRACT_KEY: exported_contract(twin.model.contract_sizes())}
+        metadata = {FEATURISER_KEY: twin.spec.to_dict(), "quantiles": list(QUANTILE_LEVELS),
+                    "encoder": encoder, CONTRACT_KEY: exported_contract(twin.model.contract_sizes())}
         write_model_version(repo, encoder, onnx_path, metadata)
         if encoder == THROUGHPUT_ENCODER:
             name = encoder + NO_BATCHING_SUFFIX

@@ -59,7 +59,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fintwin.data.datamodule import EventDataModule
+from fintwin.data.datamodule import CustomerSplit, EventDataModule
 from fintwin.data.simulator import SimulatorConfig, simulate
 from fintwin.models.module import TwinModule, warmup_cosine
 
@@ -171,8 +171,7 @@ def datamodule(
         cutoff=str(events["timestamp"].max().date()),
         horizon_days=HORIZON_DAYS,
         max_len=max_len,
-        val_fraction=0.0,
-        test_fraction=0.0,
+        split=CustomerSplit(val=0.0, test=0.0, seed=SEED),
         batch_size=batch_size,
         bucket_by_length=bucketed,
         seed=SEED,
@@ -190,10 +189,10 @@ def twin(encoder: str, data: EventDataModule) -> TwinModule:
     pl.seed_everything(SEED, verbose=False)
     return instantiate(
         config,
-        vocab_size=data.vocab.size,
-        scaling=data.scaling,
-        horizon_days=data.horizon_days,
-        n_numeric=data.n_numeric,
+        vocab_size=data.spec.vocab.size,
+        scaling=data.model_scaling,
+        horizon_days=data.spec.horizon_days,
+        n_numeric=data.spec.n_numeric,
     )
 
 

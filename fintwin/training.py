@@ -153,10 +153,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     datamodule.setup()
     model = instantiate(
         cfg.model,
-        vocab_size=datamodule.vocab.size,
-        scaling=datamodule.scaling,
-        horizon_days=datamodule.horizon_days,
-        n_numeric=datamodule.n_numeric,
+        vocab_size=datamodule.spec.vocab.size,
+        scaling=datamodule.model_scaling,
+        horizon_days=datamodule.spec.horizon_days,
+        n_numeric=datamodule.spec.n_numeric,
     )
     trainer = instantiate(
         cfg.trainer,

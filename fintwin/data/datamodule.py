@@ -1,8 +1,10 @@
 """LightningDataModule: events -> validated table -> sequences -> padded batches.
 
-Validation and test customers are held out at random (seeded), with their calibration-period
-events, so next-event metrics are measured on customers the model never saw. The holdout
-period after the cut-off is reserved for forecast evaluation.
+Validation and test customers are held out at random (seeded, ``CustomerSplit``), with their
+calibration-period events, so next-event metrics are measured on customers the model never
+saw. The holdout period after the cut-off is reserved for forecast evaluation. ``setup`` fits
+the ``FeaturiserSpec`` on the training customers' calibration events; the checkpoint carries
+it, next to the split (source, cut-off, end of observation, simulator).
 """
 
 from __future__ import annotations
@@ -18,30 +20,36 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fintwin.data.features import Vocab, customer_groups, fit_scaling
+from fintwin.data.features import (
+    FEATURISER_KEY,
+    FeaturiserSpec,
+    Scaling,
+    Vocab,
+    customer_groups,
+    read_events,
+)
 from fintwin.data.schema import EventSchema
 from fintwin.data.sequences import (
     MAX_FIT_GAPS,
     SequenceSet,
-    build_sequences,
     calibration_events,
     fit_population_gaps,
     loss_terms_per_customer,
     training_extent,
     training_gaps,
 )
-from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SplitFractions:
-    """Shares of calibration customers held out for validation and test."""
+@dataclass(frozen=True)
+class CustomerSplit:
+    """Shares of calibration customers held out for validation and test, drawn with ``seed``."""
 
     val: float = 0.1
     test: float = 0.1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
@@ -50,16 +58,15 @@ class SplitFractions:
                 "with val + test < 1"
             )
 
-
-def split_customers(n: int, fractions: SplitFractions, seed: int) -> dict[str, np.ndarray]:
-    """Random, seeded partition of customer indices into train / val / test."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(round(n * fractions.val)), int(round(n * fractions.test))
-    return {
-        "val": np.sort(order[:n_val]),
-        "test": np.sort(order[n_val : n_val + n_test]),
-        "train": np.sort(order[n_val + n_test :]),
-    }
+    def assign(self, n: int) -> dict[str, np.ndarray]:
+        """Random, seeded partition of customer indices 0..n-1 into train / val / test."""
+        order = np.random.default_rng(self.seed).permutation(n)
+        n_val, n_test = int(round(n * self.val)), int(round(n * self.test))
+        return {
+            "val": np.sort(order[:n_val]),
+            "test": np.sort(order[n_val : n_val + n_test]),
+            "train": np.sort(order[n_val + n_test :]),
+        }
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -165,22 +172,23 @@ class CustomerIndex(torch.utils.data.Dataset):
 
 
 class EventDataModule(pl.LightningDataModule):
-    """Padded batches of customer sequences with a seeded customer-level train/val/test split."""
+    """Padded batches of customer sequences with a seeded customer-level train/val/test split.
+
+    ``source``: a source name, a file or directory path (``fintwin.data.sources``), or
+    ``events``, a table given directly. ``cutoff``: the last calibration day. ``schema``: how
+    events are validated. ``split``: the held-out customers. ``seed``: the training batches'
+    order. After ``setup``, ``spec`` is the fitted ``FeaturiserSpec``.
+    """
 
     def __init__(
         self,
         source: str = "cdnow",
         cutoff: str = "1997-09-30",
-        holdout_end: str | None = None,
         horizon_days: float = 90.0,
         max_len: int = 200,
         same_day_merge: bool = False,
-        numeric_features: list[str] | None = None,
-        categorical_features: list[str] | None = None,
-        allow_negative_amount: bool = False,
-        drop_duplicates: bool = False,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
+        schema: EventSchema | None = None,
+        split: CustomerSplit | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         bucket_by_length: bool = False,
@@ -197,46 +205,50 @@ class EventDataModule(pl.LightningDataModule):
             raise FintwinInputError(f"data.max_len={max_len}: expected a positive integer")
         if batch_size < 1:
             raise FintwinInputError(f"data.batch_size={batch_size}: expected a positive integer")
-        self.source, self.cutoff, self.holdout_end = source, str(cutoff), holdout_end
+        self.source, self.cutoff = source, str(cutoff)
         self.horizon_days, self.max_len = float(horizon_days), int(max_len)
         self.same_day_merge, self.simulator, self._given_events = same_day_merge, simulator, events
-        self.schema = EventSchema(
-            list(numeric_features or []),
-            list(categorical_features or []),
-            allow_negative_amount,
-            drop_duplicates,
-        )
-        self.fractions = SplitFractions(val_fraction, test_fraction)
+        self.schema = schema or EventSchema()
+        self.split = split or CustomerSplit()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.bucket_by_length, self.seed = bucket_by_length, seed
         self.events: pd.DataFrame | None = None
         self.sequences: SequenceSet | None = None
-        self.vocab: Vocab | None = None
-        self.scaling: dict | None = None
+        self.spec: FeaturiserSpec | None = None
+        self.model_statistics: dict[str, float] = {}
         self.splits: dict[str, np.ndarray] = {}
 
     def load(self) -> pd.DataFrame:
         """The validated event table (all periods)."""
-        if self._given_events is not None:
-            from fintwin.data.schema import validate_events
-            from fintwin.data.sources import merge_same_day
-
-            events, _ = validate_events(self._given_events, self.schema, source="events")
-            return (
-                merge_same_day(events, self.schema.numeric_features)
-                if self.same_day_merge
-                else events
-            )
-        events, _ = load_events(
-            self.source,
+        return read_events(
+            self._given_events if self._given_events is not None else self.source,
             self.schema,
             same_day_merge=self.same_day_merge,
             simulator_config=self.simulator,
         )
-        return events
+
+    def _fit_vocabularies(self, calib: pd.DataFrame, is_train: np.ndarray) -> FeaturiserSpec:
+        """The spec with its vocabularies fitted on the training customers' ``calib`` events
+        (``is_train``: per event), before scaling."""
+        train = calib[is_train]
+        names = tuple(self.schema.categorical_features)
+        return FeaturiserSpec(
+            vocab=Vocab.fit(train["event_type"].to_numpy()),
+            max_len=self.max_len,
+            horizon_days=self.horizon_days,
+            same_day_merge=self.same_day_merge,
+            numeric_features=tuple(self.schema.numeric_features),
+            categorical_features=names,
+            categorical_vocabs=tuple(Vocab.fit(train[name].to_numpy()) for name in names),
+            allow_negative_amount=self.schema.allow_negative_amount,
+            drop_duplicates=self.schema.drop_duplicates,
+            day_first=self.schema.day_first,
+            decimal=self.schema.decimal,
+        )
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, split customers, fit vocab and scaling on training customers' calibration events."""
+        """Load, split customers, fit the featuriser spec (vocabularies and scaling) and the
+        model statistics on training customers' calibration events."""
         if self.sequences is not None:
             return
         self.events = self.load()
@@ -247,24 +259,21 @@ class EventDataModule(pl.LightningDataModule):
                 f"(data spans {self.events['timestamp'].min()} to {self.events['timestamp'].max()})"
             )
         _, counts = customer_groups(calib["customer_id"].to_numpy())
-        self.splits = split_customers(len(counts), self.fractions, self.seed)
+        self.splits = self.split.assign(len(counts))
         is_train = np.zeros(len(counts), dtype=bool)
         is_train[self.splits["train"]] = True
-        self.vocab = Vocab.fit(calib["event_type"].to_numpy()[np.repeat(is_train, counts)])
-        self.sequences = build_sequences(
-            self.events,
-            self.vocab,
-            cutoff=self.cutoff,
-            horizon_days=self.horizon_days,
-            max_len=self.max_len,
-            numeric_features=self.schema.numeric_features,
-        )
+        spec = self._fit_vocabularies(calib, np.repeat(is_train, counts))
+        self.sequences = spec.sequences(self.events, self.cutoff)
         train_events = np.repeat(is_train, self.sequences.lengths)
-        self.scaling = fit_scaling({k: v[train_events] for k, v in self.sequences.features.items()})
-        self.scaling |= loss_terms_per_customer(self.sequences, self.splits["train"])
-        self.scaling |= training_extent(self.sequences, self.splits["train"], self.horizon_days)
-        gaps = training_gaps(self.sequences, self.splits["train"], MAX_FIT_GAPS, self.seed)
-        self.scaling["dormancy_init"] = fit_population_gaps(*gaps)[2]
+        features = {k: v[train_events] for k, v in self.sequences.features.items()}
+        self.spec = dataclasses.replace(spec, scaling=Scaling.fit(features))
+        train = self.splits["train"]
+        gaps = training_gaps(self.sequences, train, MAX_FIT_GAPS, self.seed)
+        self.model_statistics = {
+            **loss_terms_per_customer(self.sequences, train),
+            **training_extent(self.sequences, train, self.horizon_days),
+            "dormancy_init": fit_population_gaps(*gaps)[2],
+        }
         log.info(
             "%s: %d customers (%d train / %d val / %d test), %d calibration events, vocab %d",
             self.source,
@@ -273,36 +282,30 @@ class EventDataModule(pl.LightningDataModule):
             len(self.splits["val"]),
             len(self.splits["test"]),
             self.sequences.n_events,
-            self.vocab.size,
+            self.spec.vocab.size,
         )
 
+    @property
+    def model_scaling(self) -> dict:
+        """The model's ``scaling`` hyper-parameter: the spec's input scaling plus the model
+        statistics (loss normalisers, training extent, dormancy share) of training customers."""
+        return self.spec.scaling.to_dict() | self.model_statistics
+
     def state_dict(self) -> dict:
-        """What a checkpoint must carry to featurise new data exactly as in training."""
-        if self.vocab is None:
+        """What a checkpoint carries to featurise new data exactly as in training (the spec)
+        and to know the data it was trained on (source, cut-off, simulator)."""
+        if self.spec is None:
             return {}
         return {
+            FEATURISER_KEY: self.spec.to_dict(),
             "source": self.source,
             "cutoff": self.cutoff,
             "observation_end": self.sequences.observation_end.isoformat(),
-            "horizon_days": self.horizon_days,
-            "max_len": self.max_len,
-            "same_day_merge": self.same_day_merge,
-            "numeric_features": list(self.schema.numeric_features),
-            "categorical_features": list(self.schema.categorical_features),
-            "allow_negative_amount": self.schema.allow_negative_amount,
-            "drop_duplicates": self.schema.drop_duplicates,
             "simulator": dataclasses.asdict(self.simulator) if self.simulator is not None else None,
-            "vocab": self.vocab.to_dict(),
-            "scaling": self.scaling,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resuming keeps the run's own vocab and scaling (refitted identically in setup)."""
-
-    @property
-    def n_numeric(self) -> int:
-        """Number of numeric extra features per event."""
-        return len(self.schema.numeric_features)
+        """Resuming keeps the run's own spec (refitted identically in setup)."""
 
     def collate(self, index: list[int]) -> dict[str, torch.Tensor]:
         """Gather a padded batch for the given customer indices."""

@@ -1,17 +1,34 @@
 """The featuriser: one definition of per-event model inputs, used by training and by clients.
 
-Per event: event type id (0 = padding, 1 = out-of-vocabulary), raw amount, days since the
-customer's previous event, calendar features, raw numeric extras. Scaling (log1p +
-standardise) is fitted here on calibration data only and applied inside the model, so the
-exported graph takes raw values.
+``FeaturiserSpec`` holds everything that turns raw events into model inputs: the schema
+options the events are validated with, the event-type and categorical vocabularies (ids: 0 =
+padding, 1 = out-of-vocabulary, 2.. known values), numeric and categorical fields, the input
+scaling, ``max_len``, same-day merging and the horizon. The data module fits it on the
+training customers' calibration events and writes it into the checkpoint; the export copies
+``to_dict()`` unchanged into the model's metadata; clients, rollouts, reports and the live
+path read it back with ``stored_spec``.
+
+Per event: event type id, raw amount, days since the customer's previous event, calendar
+features, raw numeric extras, categorical ids. Scaling (log1p + standardise) is fitted on
+calibration data only and applied inside the model, so the exported graph takes raw values.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from fintwin.data.schema import EventSchema, validate_events
+from fintwin.data.sources import load_events, merge_same_day
+from fintwin.errors import FintwinInputError
+
+if TYPE_CHECKING:
+    from fintwin.data.sequences import SequenceSet
 
 PAD_ID = 0
 OOV_ID = 1
@@ -23,14 +40,15 @@ MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clampe
 
 @dataclass(frozen=True)
 class Vocab:
-    """Event-type vocabulary: known types get ids 2.. in sorted order."""
+    """Vocabulary of event types (or of a categorical field's values): known values get ids
+    2.. in sorted order."""
 
     tokens: tuple[str, ...]
 
     @classmethod
-    def fit(cls, event_types: pd.Series | np.ndarray) -> Vocab:
-        """Vocabulary of the distinct event types seen (calibration data of training customers)."""
-        return cls(tuple(sorted(pd.unique(np.asarray(event_types, dtype=object)))))
+    def fit(cls, values: pd.Series | np.ndarray) -> Vocab:
+        """Vocabulary of the distinct values seen (calibration data of training customers)."""
+        return cls(tuple(sorted(pd.unique(np.asarray(values, dtype=object)))))
 
     @property
     def size(self) -> int:
@@ -41,15 +59,13 @@ class Vocab:
         """Name of every id, indexable by id: PAD_LABEL, OOV_LABEL, then the known types."""
         return np.array([PAD_LABEL, OOV_LABEL, *self.tokens], dtype=object)
 
-    def encode(self, event_types: pd.Series | np.ndarray) -> np.ndarray:
-        """Vectorised lookup: unknown types map to OOV_ID."""
-        codes = pd.Categorical(
-            np.asarray(event_types, dtype=object), categories=list(self.tokens)
-        ).codes
+    def encode(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        """Vectorised lookup (int64 ids): unknown values map to OOV_ID."""
+        codes = pd.Categorical(np.asarray(values, dtype=object), categories=list(self.tokens)).codes
         return np.where(codes < 0, OOV_ID, codes.astype(np.int64) + 2)
 
     def to_dict(self) -> dict[str, int]:
-        """Mapping type -> id, as stored with exported models."""
+        """Mapping value -> id, as stored with checkpoints and exported models."""
         return {t: i + 2 for i, t in enumerate(self.tokens)}
 
     @classmethod
@@ -80,49 +96,291 @@ def calendar_features(ns: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def event_features(events: pd.DataFrame, vocab: Vocab, numeric_features: list[str],
-                   starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Flat per-event model inputs for an event table sorted by customer then time.
 
-    ``starts`` (first row of each customer) is computed when not given.
+def read_events(
+    source: str | pd.DataFrame,
+    schema: EventSchema,
+    *,
+    same_day_merge: bool,
+    simulator_config=None,
+) -> pd.DataFrame:
+    """A source (name, path or table) validated with ``schema``; with ``same_day_merge``,
+    one event per customer, day and type (``fintwin.data.sources.merge_same_day``)."""
+    if isinstance(source, pd.DataFrame):
+        events, _ = validate_events(source, schema, source="events")
+        return merge_same_day(events, schema.numeric_features) if same_day_merge else events
+    events, _ = load_events(
+        source, schema, same_day_merge=same_day_merge, simulator_config=simulator_config
+    )
+    return events
+
+
+def _stats(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), float(max(x.std(), 1e-6))
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Input scaling statistics of the training customers' calibration events: mean and
+    standard deviation of log1p(amount), log1p(delta_t), log of the positive gaps and of each
+    raw numeric feature. The model standardises its inputs with them."""
+
+    amount_mean: float
+    amount_std: float
+    delta_t_mean: float
+    delta_t_std: float
+    gap_log_mean: float
+    gap_log_std: float
+    numeric_mean: tuple[float, ...] = ()
+    numeric_std: tuple[float, ...] = ()
+
+    @classmethod
+    def fit(cls, features: Mapping[str, np.ndarray]) -> Scaling:
+        """Statistics of flat per-event ``features`` (``FeaturiserSpec.event_features``)."""
+        amount = _stats(np.log1p(np.maximum(features["amount"].astype(np.float64), 0)))
+        delta = _stats(np.log1p(features["delta_t"].astype(np.float64)))
+        gaps = features["delta_t"][features["delta_t"] > 0].astype(np.float64)
+        gap_log = _stats(np.log(gaps)) if len(gaps) else (0.0, 1.0)
+        numeric_mean, numeric_std = (), ()
+        if "numeric" in features and features["numeric"].shape[1]:
+            numeric = features["numeric"].astype(np.float64)
+            numeric_mean = tuple(numeric.mean(axis=0).tolist())
+            numeric_std = tuple(np.maximum(numeric.std(axis=0), 1e-6).tolist())
+        return cls(*amount, *delta, *gap_log, numeric_mean, numeric_std)
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        """JSON-able statistics (the model's ``scaling`` keys)."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, object]) -> Scaling:
+        """Inverse of ``to_dict``; keys that are no statistic of this class are ignored."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in mapping:
+                value = mapping[field.name]
+                values[field.name] = (
+                    tuple(float(v) for v in value) if isinstance(value, (list, tuple))
+                    else float(value)
+                )
+        return cls(**values)
+
+
+SPEC_FORMAT = 1  # version of FeaturiserSpec.to_dict's layout
+FEATURISER_KEY = "featuriser"  # where checkpoints and exported metadata keep the spec's dict
+LEGACY_KEYS = (  # the flat data settings stored before FeaturiserSpec, converted by from_dict
+    "vocab", "scaling", "max_len", "horizon_days", "same_day_merge", "numeric_features",
+    "allow_negative_amount", "drop_duplicates",
+)
+REEXPORT_HINT = (
+    "export the model again from its checkpoint (fintwin export --ckpt CKPT --repo DIR), or "
+    "train it again"
+)
+
+
+@dataclass(frozen=True)
+class FeaturiserSpec:
+    """Everything that turns raw events into model inputs, fitted on training data.
+
+    ``vocab``: event types. ``numeric_features``: raw numeric columns, in model order.
+    ``categorical_features`` and ``categorical_vocabs``: categorical columns and one
+    vocabulary each, in model order (``features["categorical"]`` column order).
+    ``scaling``: input statistics (None until the data module fits them). ``max_len``: events
+    kept per customer (the most recent). ``horizon_days``: the horizon of the churn and
+    horizon heads. ``same_day_merge``: one event per customer, day and type.
+    ``allow_negative_amount``, ``drop_duplicates``, ``day_first``, ``decimal``: how raw
+    events are validated (``schema()``).
     """
-    ns = events["timestamp"].to_numpy("datetime64[ns]").view(np.int64)
-    if starts is None:
-        starts, _ = customer_groups(events["customer_id"].to_numpy())
-    delta = np.zeros(len(ns), dtype=np.float64)
-    delta[1:] = np.diff(ns) / NS_PER_DAY
-    delta[starts] = 0.0
-    features = {
-        "event_type": vocab.encode(events["event_type"].to_numpy()),
-        "amount": events["amount"].to_numpy(np.float32),
-        "delta_t": delta.astype(np.float32),
-        **calendar_features(ns),
-    }
-    if numeric_features:
-        features["numeric"] = events[numeric_features].to_numpy(np.float32)
-    return features
+
+    vocab: Vocab
+    max_len: int
+    horizon_days: float
+    scaling: Scaling | None = None
+    same_day_merge: bool = False
+    numeric_features: tuple[str, ...] = ()
+    categorical_features: tuple[str, ...] = ()
+    categorical_vocabs: tuple[Vocab, ...] = ()
+    allow_negative_amount: bool = False
+    drop_duplicates: bool = False
+    day_first: bool | None = None
+    decimal: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.categorical_vocabs) != len(self.categorical_features):
+            raise ValueError(
+                f"{len(self.categorical_features)} categorical features but "
+                f"{len(self.categorical_vocabs)} vocabularies; expected one each"
+            )
+
+    @property
+    def n_numeric(self) -> int:
+        """Number of numeric features per event."""
+        return len(self.numeric_features)
+
+    @property
+    def categorical(self) -> tuple[tuple[str, Vocab], ...]:
+        """(name, vocabulary) of each categorical feature, in model order."""
+        return tuple(zip(self.categorical_features, self.categorical_vocabs, strict=True))
+
+    @property
+    def categorical_sizes(self) -> tuple[int, ...]:
+        """Vocabulary size of each categorical feature (padding and OOV included)."""
+        return tuple(vocab.size for vocab in self.categorical_vocabs)
+
+    def schema(self) -> EventSchema:
+        """The schema raw events are validated with."""
+        return EventSchema(
+            numeric_features=list(self.numeric_features),
+            categorical_features=list(self.categorical_features),
+            allow_negative_amount=self.allow_negative_amount,
+            drop_duplicates=self.drop_duplicates,
+            day_first=self.day_first,
+            decimal=self.decimal,
+        )
+
+    def read_events(self, source: str | pd.DataFrame, simulator_config=None) -> pd.DataFrame:
+        """The validated (and same-day merged) events of a source name, path or table."""
+        return read_events(
+            source, self.schema(), same_day_merge=self.same_day_merge,
+            simulator_config=simulator_config,
+        )
+
+    def event_features(
+        self, events: pd.DataFrame, starts: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Flat per-event model inputs of a validated table sorted by customer then time.
+
+        ``event_type`` int64, ``amount`` and ``delta_t`` float32, the calendar features,
+        ``numeric`` float32 ``[N, F]`` and ``categorical`` int64 ids ``[N, C]`` when declared.
+        ``starts`` (first row of each customer) is computed when not given.
+        """
+        ns = events["timestamp"].to_numpy("datetime64[ns]").view(np.int64)
+        if starts is None:
+            starts, _ = customer_groups(events["customer_id"].to_numpy())
+        delta = np.zeros(len(ns), dtype=np.float64)
+        delta[1:] = np.diff(ns) / NS_PER_DAY
+        delta[starts] = 0.0
+        features = {
+            "event_type": self.vocab.encode(events["event_type"].to_numpy()),
+            "amount": events["amount"].to_numpy(np.float32),
+            "delta_t": delta.astype(np.float32),
+            **calendar_features(ns),
+        }
+        if self.numeric_features:
+            features["numeric"] = events[list(self.numeric_features)].to_numpy(np.float32)
+        if self.categorical_features:
+            features["categorical"] = np.stack(
+                [
+                    vocab.encode(events[name].to_numpy())
+                    for name, vocab in self.categorical
+                ],
+                axis=1,
+            )
+        return features
+
+    def sequences(self, events: pd.DataFrame, cutoff: str | pd.Timestamp) -> SequenceSet:
+        """Calibration histories with targets (events before the end of day ``cutoff``)."""
+        from fintwin.data.sequences import build_sequences  # sequences builds on this module
+
+        return build_sequences(events, self, cutoff=cutoff)
+
+    def inference_sequences(
+        self, events: pd.DataFrame, as_of: str | pd.Timestamp | None = None
+    ) -> SequenceSet:
+        """Every customer's history as a deployed twin scores it, observed to the end of the
+        day ``as_of`` (default: the last event's day)."""
+        from fintwin.data.sequences import inference_sequences
+
+        return inference_sequences(events, self, as_of)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able settings with their ``format``; ``from_dict`` reads them back."""
+        return {
+            "format": SPEC_FORMAT,
+            "vocab": self.vocab.to_dict(),
+            "max_len": self.max_len,
+            "horizon_days": self.horizon_days,
+            "scaling": None if self.scaling is None else self.scaling.to_dict(),
+            "same_day_merge": self.same_day_merge,
+            "numeric_features": list(self.numeric_features),
+            "categorical_features": list(self.categorical_features),
+            "categorical_vocabs": {
+                name: vocab.to_dict()
+                for name, vocab in self.categorical
+            },
+            "allow_negative_amount": self.allow_negative_amount,
+            "drop_duplicates": self.drop_duplicates,
+            "day_first": self.day_first,
+            "decimal": self.decimal,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping, source: str = "featuriser settings") -> FeaturiserSpec:
+        """Inverse of ``to_dict``. Settings without a ``format`` (written before this class)
+        go through ``from_legacy``. ``FintwinInputError`` names ``source`` and what is wrong."""
+        if "format" not in data:
+            return cls.from_legacy(data, source)
+        if data["format"] != SPEC_FORMAT:
+            raise FintwinInputError(
+                f"{source}: featuriser settings of format {data['format']!r}; this fintwin "
+                f"reads format {SPEC_FORMAT}: use the fintwin version that wrote them, or "
+                + REEXPORT_HINT
+            )
+        expected = {"format", *(field.name for field in dataclasses.fields(cls))}
+        missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
+        if missing or unknown:
+            raise FintwinInputError(
+                f"{source}: featuriser settings lack {missing} and have unknown keys {unknown}; "
+                f"expected {sorted(expected)}"
+            )
+        names = tuple(data["categorical_features"])
+        return cls(
+            vocab=Vocab.from_dict(data["vocab"]),
+            max_len=int(data["max_len"]),
+            horizon_days=float(data["horizon_days"]),
+            scaling=None if data["scaling"] is None else Scaling.from_dict(data["scaling"]),
+            same_day_merge=bool(data["same_day_merge"]),
+            numeric_features=tuple(data["numeric_features"]),
+            categorical_features=names,
+            categorical_vocabs=tuple(
+                Vocab.from_dict(data["categorical_vocabs"][name]) for name in names
+            ),
+            allow_negative_amount=bool(data["allow_negative_amount"]),
+            drop_duplicates=bool(data["drop_duplicates"]),
+            day_first=data["day_first"],
+            decimal=data["decimal"],
+        )
+
+    @classmethod
+    def from_legacy(cls, data: Mapping, source: str) -> FeaturiserSpec:
+        """The one converter of the flat data settings stored before this class (checkpoints
+        hold them all; exported repositories lack the schema options and are refused).
+
+        Their categorical features never reached the model, so the spec declares none.
+        """
+        missing = [key for key in LEGACY_KEYS if key not in data]
+        if missing:
+            raise FintwinInputError(
+                f"{source}: featuriser settings written before fintwin's FeaturiserSpec lack "
+                f"{missing}, so events cannot be read as in training; " + REEXPORT_HINT
+            )
+        return cls(
+            vocab=Vocab.from_dict(data["vocab"]),
+            max_len=int(data["max_len"]),
+            horizon_days=float(data["horizon_days"]),
+            scaling=Scaling.from_dict(data["scaling"]),
+            same_day_merge=bool(data["same_day_merge"]),
+            numeric_features=tuple(data["numeric_features"]),
+            allow_negative_amount=bool(data["allow_negative_amount"]),
+            drop_duplicates=bool(data["drop_duplicates"]),
+        )
 
 
-def fit_scaling(features: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
-    """Mean/std of log1p(amount), log1p(delta_t), log of positive gaps, raw numeric extras."""
-
-    def stats(x: np.ndarray) -> tuple[float, float]:
-        return float(x.mean()), float(max(x.std(), 1e-6))
-
-    amount_mean, amount_std = stats(np.log1p(np.maximum(features["amount"].astype(np.float64), 0)))
-    delta_mean, delta_std = stats(np.log1p(features["delta_t"].astype(np.float64)))
-    scaling: dict[str, float | list[float]] = {
-        "amount_mean": amount_mean,
-        "amount_std": amount_std,
-        "delta_t_mean": delta_mean,
-        "delta_t_std": delta_std,
-        "numeric_mean": [],
-        "numeric_std": [],
-    }
-    gaps = features["delta_t"][features["delta_t"] > 0].astype(np.float64)
-    scaling["gap_log_mean"], scaling["gap_log_std"] = stats(np.log(gaps)) if len(gaps) else (0.0, 1.0)
-    if "numeric" in features and features["numeric"].shape[1]:
-        num = features["numeric"].astype(np.float64)
-        scaling["numeric_mean"] = num.mean(axis=0).tolist()
-        scaling["numeric_std"] = np.maximum(num.std(axis=0), 1e-6).tolist()
-    return scaling
+def stored_spec(document: Mapping, source: str) -> FeaturiserSpec:
+    """The spec a checkpoint's data state or an export's metadata keeps under
+    ``FEATURISER_KEY``; documents written before ``FeaturiserSpec`` hold the settings flat,
+    which ``FeaturiserSpec.from_dict`` converts or refuses."""
+    return FeaturiserSpec.from_dict(document.get(FEATURISER_KEY, document), source)

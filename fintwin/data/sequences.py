@@ -12,14 +12,18 @@ only ever see events before that instant; the holdout period is for forecast eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import optimize, stats
 
-from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY, Vocab, customer_groups, event_features
+from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY, customer_groups
 from fintwin.errors import FintwinInputError
+
+if TYPE_CHECKING:
+    from fintwin.data.features import FeaturiserSpec
 
 TARGETS = (
     "next_type",
@@ -216,34 +220,28 @@ def fit_population_gaps(observed: np.ndarray, censored: np.ndarray) -> tuple[flo
 
 
 def build_sequences(
-    events: pd.DataFrame,
-    vocab: Vocab,
-    *,
-    cutoff: str | pd.Timestamp,
-    horizon_days: float,
-    max_len: int,
-    numeric_features: list[str] | None = None,
+    events: pd.DataFrame, spec: FeaturiserSpec, *, cutoff: str | pd.Timestamp
 ) -> SequenceSet:
-    """Sequences of calibration events (before the end of day ``cutoff``) with targets.
+    """Sequences of calibration events (before the end of day ``cutoff``) with targets,
+    featurised by ``spec`` (its horizon sets the churn and horizon targets).
 
     ``events`` must be validated (sorted by customer then time). Each customer keeps its most
-    recent ``max_len`` events; targets are computed on the full calibration history first, so
-    truncation never changes a target. Customers with a single event are kept.
+    recent ``spec.max_len`` events; targets are computed on the full calibration history
+    first, so truncation never changes a target. Customers with a single event are kept.
     """
     end = observation_end(cutoff)
     events = calibration_events(events, cutoff)
-    numeric_features = list(numeric_features or [])
     starts, counts = customer_groups(events["customer_id"].to_numpy())
-    features = event_features(events, vocab, numeric_features, starts)
+    features = spec.event_features(events, starts)
     group = np.repeat(np.arange(len(starts)), counts)
     origin = np.datetime64("1970-01-01", "ns")
     times = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64) / NS_PER_DAY
     end_days = (end.to_datetime64() - origin).astype(np.int64) / NS_PER_DAY
-    targets = _next_event_targets(times, group, features, end_days, horizon_days)
+    targets = _next_event_targets(times, group, features, end_days, spec.horizon_days)
 
     position_from_end = np.repeat(starts + counts, counts) - np.arange(len(group)) - 1
-    keep = position_from_end < max_len
-    kept_counts = np.minimum(counts, max_len)
+    keep = position_from_end < spec.max_len
+    kept_counts = np.minimum(counts, spec.max_len)
     kept_starts = np.concatenate([[0], np.cumsum(kept_counts)[:-1]]).astype(np.int64)
     last_index = starts + counts - 1 if len(starts) else starts
     return SequenceSet(
@@ -257,9 +255,9 @@ def build_sequences(
     )
 
 
-def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
-                        numeric_features: list[str] | None = None,
-                        as_of: str | pd.Timestamp | None = None) -> SequenceSet:
+def inference_sequences(
+    events: pd.DataFrame, spec: FeaturiserSpec, as_of: str | pd.Timestamp | None = None
+) -> SequenceSet:
     """Sequences of every event in ``events``, as a deployed twin scores them, observed to the
     end of the day ``as_of`` (default: the last event's day). ``FintwinInputError`` if an event
     comes after it: scoring as of a day must not drop history silently."""
@@ -271,5 +269,4 @@ def inference_sequences(events: pd.DataFrame, vocab: Vocab, max_len: int,
             f"customer {first['customer_id']} has an event at {first['timestamp']}, after the "
             f"as-of day {day.date()}; score as of a later day or leave out the later events"
         )
-    return build_sequences(events, vocab, cutoff=day, horizon_days=1.0, max_len=max_len,
-                           numeric_features=numeric_features)
+    return build_sequences(events, spec, cutoff=day)

@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from fintwin.data.contract import CONTRACT_KEY, exported_contract, random_inputs
+from fintwin.data.features import FEATURISER_KEY
 from fintwin.errors import FintwinInputError
 from fintwin.export.graph import ExportableTwin
 from fintwin.models.checkpoint import TrainedTwin, load_twin
@@ -136,9 +137,9 @@ def checkpoint_identity(ckpt: Path) -> dict[str, str]:
 
 
 def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict:
-    """What a client needs besides the graph: vocab, featuriser settings, the input/output
-    contract with this model's sizes (the served model checks requests against it), metrics,
-    provenance.
+    """What a client needs besides the graph: the featuriser spec (the checkpoint's, unchanged,
+    under ``FEATURISER_KEY``), the quantile levels, the input/output contract with this model's
+    sizes (the served model checks requests against it), metrics, provenance.
 
     Served to clients as is, so it holds no path of the machine that exported it.
     """
@@ -147,14 +148,10 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
     if metrics_file.is_file():
         metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items()
                    if isinstance(v, (int, float))}
-    data = twin.data
     return {
-        "vocab": data["vocab"], "numeric_features": data["numeric_features"],
-        "horizon_days": data["horizon_days"], "max_len": data["max_len"],
-        "same_day_merge": data["same_day_merge"], "observation_end": data["observation_end"],
-        "scaling": data["scaling"], "quantiles": list(QUANTILE_LEVELS),
-        "encoder": twin.model.hparams.encoder["name"], "metrics": metrics,
-        CONTRACT_KEY: exported_contract(twin.model.contract_sizes()),
+        FEATURISER_KEY: twin.spec.to_dict(), "observation_end": twin.split["observation_end"],
+        "quantiles": list(QUANTILE_LEVELS), "encoder": twin.model.hparams.encoder["name"],
+        "metrics": metrics, CONTRACT_KEY: exported_contract(twin.model.contract_sizes()),
         "parity_max_abs": report.max_abs, "source_commit": source_commit(),
         "checkpoint": checkpoint_identity(ckpt),
     }

@@ -3,7 +3,7 @@
 Layout written for a model ``name``::
 
     <repo>/<name>/config.pbtxt     Triton ModelConfig (onnxruntime backend), shared by all versions
-    <repo>/<name>/fintwin.json     metadata of the latest version (vocab, featuriser, metrics, ...)
+    <repo>/<name>/fintwin.json     metadata of the latest version (featuriser spec, metrics, ...)
     <repo>/<name>/<N>/model.onnx   the exported graph of version N
     <repo>/<name>/<N>/fintwin.json metadata of version N
 
@@ -35,6 +35,7 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fintwin.data.features import FEATURISER_KEY
 from fintwin.errors import FintwinInputError
 from fintwin.files import sync_to_disk, write_atomic
 
@@ -64,10 +65,10 @@ ONNX_TO_TRITON_DTYPE = {
 Device = Literal["cpu", "gpu"]
 
 
-# Featuriser settings a remote client needs, published in the config (latest version's).
+# What a remote client needs, published in the config (latest version's): the whole
+# featuriser spec (metadata "featuriser") and the quantile levels of the time quantiles.
 FEATURISER_PARAMETER = "fintwin_featuriser"
-FEATURISER_KEYS = ("vocab", "numeric_features", "max_len", "same_day_merge", "horizon_days",
-                   "quantiles", "input_names", "output_names")
+FEATURISER_KEYS = (FEATURISER_KEY, "quantiles")
 
 
 class ModelRepositoryError(FintwinInputError):

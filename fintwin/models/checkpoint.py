@@ -1,4 +1,4 @@
-"""Load a trained twin and the data settings it was trained with from a Lightning checkpoint."""
+"""Load a trained twin, its featuriser spec and its split from a Lightning checkpoint."""
 
 from __future__ import annotations
 
@@ -8,29 +8,27 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fintwin.data.features import Vocab
+from fintwin.data.features import FeaturiserSpec, stored_spec
 from fintwin.errors import FintwinInputError
 from fintwin.models.module import TwinModule
 
 DATA_STATE_KEY = "EventDataModule"
+SPLIT_KEYS = ("source", "cutoff", "observation_end", "simulator")
 
 
 @dataclass
 class TrainedTwin:
-    """A twin in eval mode plus the featuriser settings and split it was trained on."""
+    """A twin in eval mode, the featuriser spec it was trained with, and its split:
+    ``source``, ``cutoff``, ``observation_end`` and ``simulator`` (its config, or None)."""
 
     model: TwinModule
-    data: dict
-
-    @property
-    def vocab(self) -> Vocab:
-        """Event-type vocabulary of training."""
-        return Vocab.from_dict(self.data["vocab"])
+    spec: FeaturiserSpec
+    split: dict
 
     @property
     def observation_end(self) -> pd.Timestamp:
         """End of the calibration period the model saw (nothing after it entered training)."""
-        return pd.Timestamp(self.data["observation_end"])
+        return pd.Timestamp(self.split["observation_end"])
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -51,7 +49,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_twin(path: str | Path) -> TrainedTwin:
-    """Read a checkpoint written by ``train.py`` with its served weights."""
+    """Read a checkpoint written by ``train.py`` with its served weights.
+
+    Checkpoints written before ``FeaturiserSpec`` load through its one converter
+    (``FeaturiserSpec.from_legacy``).
+    """
     ckpt = read_checkpoint(path)
     if DATA_STATE_KEY not in ckpt or "hyper_parameters" not in ckpt:
         raise FintwinInputError(
@@ -59,4 +61,6 @@ def load_twin(path: str | Path) -> TrainedTwin:
         )
     model = TwinModule(**ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
-    return TrainedTwin(model.eval(), ckpt[DATA_STATE_KEY])
+    state = ckpt[DATA_STATE_KEY]
+    spec = stored_spec(state, str(path))
+    return TrainedTwin(model.eval(), spec, {key: state.get(key) for key in SPLIT_KEYS})

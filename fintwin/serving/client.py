@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.data.contract import TensorSpec, model_inputs
-from fintwin.data.features import Vocab
+from fintwin.data.features import stored_spec
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     FEATURISER_PARAMETER,
@@ -62,6 +62,7 @@ class Transport(Protocol):
     """What the featurising client needs from a scoring backend."""
 
     max_batch_elements: int  # the most rows x events one batch may hold
+    metadata: Mapping  # the featuriser spec (under "featuriser") and the "quantiles" levels
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score one batch of model inputs; return every model output."""
@@ -171,7 +172,8 @@ class TritonTransport:
 
     @property
     def metadata(self) -> dict:
-        """Featuriser settings the export stored in the model config's parameters."""
+        """What the export stored in the model config's parameters for clients: the
+        featuriser spec (``featuriser``) and the ``quantiles`` levels."""
         parameters = self.model_config().get("parameters", {})
         if FEATURISER_PARAMETER not in parameters:
             raise InferenceError(f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
@@ -327,33 +329,22 @@ class TwinClient:
         self.transport: Transport = (
             InProcessRunner(Path(repo), model, int(version) if version else None)
             if repo is not None else TritonTransport(url, protocol, model, version))
-        self.settings = self.transport.metadata
-        numeric = self.settings.get("numeric_features", [])
-        self.inputs = model_inputs({"numeric_features": len(numeric)})
+        metadata = self.transport.metadata
+        self.spec = stored_spec(metadata, f"model {model!r}")
+        self.quantiles = list(metadata["quantiles"])
+        self.inputs = model_inputs({"numeric_features": self.spec.n_numeric})
         self.batch_size, self.top_k = batch_size, top_k
 
     def featurise(self, events: pd.DataFrame | str | Path, as_of: str | pd.Timestamp | None = None):
-        """Validated, (same-day merged) sequences of every customer in ``events``, observed to
-        the end of the day ``as_of`` (default: the last day in ``events``)."""
-        from fintwin.data.schema import EventSchema, validate_events
-        from fintwin.data.sequences import inference_sequences
-        from fintwin.data.sources import load_events, merge_same_day
-
-        numeric = list(self.settings.get("numeric_features", []))
-        schema = EventSchema(numeric_features=numeric)
-        if isinstance(events, pd.DataFrame):
-            table, _ = validate_events(events, schema, source="events")
-            if self.settings.get("same_day_merge"):
-                table = merge_same_day(table, numeric)
-        else:
-            table, _ = load_events(str(events), schema,
-                                   same_day_merge=bool(self.settings.get("same_day_merge")))
-        vocab = Vocab.from_dict(self.settings["vocab"])
-        return inference_sequences(table, vocab, int(self.settings["max_len"]), numeric, as_of)
+        """Sequences of every customer in ``events`` (a table or a file), read and featurised
+        as in training (the model's ``FeaturiserSpec``), observed to the end of the day
+        ``as_of`` (default: the last day in ``events``)."""
+        source = events if isinstance(events, pd.DataFrame) else str(events)
+        return self.spec.inference_sequences(self.spec.read_events(source), as_of)
 
     def _rows(self, customer_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pd.DataFrame:
         probs = outputs["next_event_probs"]
-        names = Vocab.from_dict(self.settings["vocab"]).labels()
+        names = self.spec.vocab.labels()
         ranked = np.where(np.arange(probs.shape[1]) == 0, -1.0, probs)  # padding is never a type
         top = np.argsort(-ranked, axis=1)[:, : min(self.top_k, probs.shape[1] - 1)]
         frame = {"customer_id": customer_ids}
@@ -361,7 +352,7 @@ class TwinClient:
             frame[f"top{k + 1}_type"] = names[top[:, k]]
             frame[f"top{k + 1}_prob"] = np.take_along_axis(probs, top[:, k : k + 1], 1)[:, 0]
         frame["next_time_mean_days"] = outputs["next_time_mean"]
-        for i, level in enumerate(self.settings.get("quantiles", [0.1, 0.5, 0.9])):
+        for i, level in enumerate(self.quantiles):
             frame[f"next_time_q{round(level * 100):02d}_days"] = outputs["next_time_quantiles"][:, i]
         for name in ("dormant_prob", "next_amount_mean", "churn_prob", "horizon_count", "horizon_spend"):
             frame[name] = outputs[name]
@@ -376,7 +367,7 @@ class TwinClient:
 
         sequences = self.featurise(events, as_of)
         silence = sequences.days_since_last_event().astype(np.float32)
-        max_len = int(self.settings["max_len"])
+        max_len = self.spec.max_len
         rows = max(1, min(self.batch_size, self.transport.max_batch_elements // max_len))
         parts = []
         starts = range(0, len(sequences), rows)

@@ -40,7 +40,8 @@ except ImportError:  # imported outside Triton's python backend (in-process runn
     pb_utils = None
 
 METADATA_FILENAME = "fintwin.json"
-MAX_LEN_KEY = "max_len"  # fintwin.json: the most events per customer the model was trained to read
+FEATURISER_KEY = "featuriser"  # fintwin.json: the featuriser spec (fintwin.data.features)
+MAX_LEN_KEY = "max_len"  # in the spec: the most events per customer the model was trained to read
 CONTRACT_KEY = "contract"  # fintwin.json: the model's inputs (with bounds) and outputs
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
 MAX_BATCH_ELEMENTS_PARAMETER = "max_batch_elements"
@@ -172,7 +173,8 @@ class OnnxModel:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         max_batch_elements: int = DEFAULT_MAX_BATCH_ELEMENTS,
     ) -> None:
-        self.max_len = int(metadata[MAX_LEN_KEY]) if MAX_LEN_KEY in metadata else None
+        featuriser = metadata.get(FEATURISER_KEY) or {}
+        self.max_len = int(featuriser[MAX_LEN_KEY]) if MAX_LEN_KEY in featuriser else None
         self.max_batch_elements = check_budget(max_batch_elements, self.max_len)
         self.runtime = load_onnx(onnx_path, intra_op_threads, providers)
         self.inputs = [TensorSpec.from_node(node) for node in self.runtime.get_inputs()]

@@ -1,16 +1,17 @@
 """`fintwin simulate` and `fintwin report` as functions (the CLI parses arguments and calls them).
 
-Both load a checkpoint (`load_twin`), read the events with the checkpoint's own data
-settings (same-day merging, numeric features) and featurise the calibration events (before
-the end of the `cutoff` day) with its vocabulary and `max_len`. Dates are whole days:
+Both load a checkpoint (`load_twin`), read the events with its featuriser spec (schema
+options, same-day merging, numeric and categorical features) and featurise the calibration
+events (before the end of the `cutoff` day) with it. Dates are whole days:
 `cutoff` is the last calibration day, `horizon_end` / `holdout_end` the last simulated day.
 Bad input raises `FintwinInputError` (the CLI exits 2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +19,8 @@ import pandas as pd
 import torch
 from lifetimes.utils import ConvergenceError
 
-from fintwin.data.schema import EventSchema
 from fintwin.data.sequences import observation_end
 from fintwin.data.simulator import SimulatorConfig
-from fintwin.data.sources import load_events
 from fintwin.errors import FintwinInputError
 from fintwin.files import atomic_path, write_json_atomic
 from fintwin.models.checkpoint import TrainedTwin, load_twin
@@ -36,7 +35,7 @@ from fintwin.twin.forecast import (
     rollout_forecast,
 )
 from fintwin.twin.report import write_report
-from fintwin.twin.rollout import HistorySpec, RolloutConfig, rollout
+from fintwin.twin.rollout import RolloutConfig, rollout
 
 log = logging.getLogger(__name__)
 
@@ -85,63 +84,52 @@ def check_inside_data(events: pd.DataFrame, source: str, *days: pd.Timestamp) ->
             )
 
 
-def load_model(ckpt: str | Path, device: str | None = None) -> tuple[TrainedTwin, HistorySpec]:
-    """The twin (on ``device``, default GPU when present) and its featurisation."""
+def load_model(ckpt: str | Path, device: str | None = None) -> TrainedTwin:
+    """The twin (on ``device``, default GPU when present) with its featuriser spec."""
     twin = load_twin(ckpt)
     twin.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return twin, HistorySpec.from_data_settings(twin.data)
+    return twin
 
 
-def event_settings(data: Mapping) -> dict[str, object]:
-    """The checkpoint data settings (``TrainedTwin.data``) that decide the event table read."""
+def event_settings(twin: TrainedTwin) -> dict[str, object]:
+    """The settings that decide the event table read from a source, by their config keys."""
+    schema = dataclasses.asdict(twin.spec.schema())
     return {
-        "numeric_features": list(data.get("numeric_features") or []),
-        "categorical_features": list(data.get("categorical_features") or []),
-        "allow_negative_amount": bool(data.get("allow_negative_amount", False)),
-        "drop_duplicates": bool(data.get("drop_duplicates", False)),
-        "same_day_merge": bool(data.get("same_day_merge", False)),
-        "simulator": data.get("simulator"),
+        **{f"data.schema.{key}": value for key, value in schema.items()},
+        "data.same_day_merge": twin.spec.same_day_merge,
+        "data.simulator": twin.split["simulator"],
     }
 
 
 def read_events(twin: TrainedTwin, data_source: str) -> pd.DataFrame:
-    """The events of ``data_source``, read with the checkpoint's own data settings."""
-    settings = event_settings(twin.data)
-    schema = EventSchema(
-        numeric_features=settings["numeric_features"],
-        categorical_features=settings["categorical_features"],
-        allow_negative_amount=settings["allow_negative_amount"],
-        drop_duplicates=settings["drop_duplicates"],
-    )
-    simulator = settings["simulator"]
+    """The events of ``data_source``, read with the checkpoint's spec (and, for the
+    ``synthetic`` source, its simulator config)."""
+    simulator = twin.split["simulator"]
     use_simulator = simulator and data_source == "synthetic"
-    events, _ = load_events(
-        data_source,
-        schema,
-        same_day_merge=settings["same_day_merge"],
-        simulator_config=SimulatorConfig(**simulator) if use_simulator else None,
+    return twin.spec.read_events(
+        data_source, SimulatorConfig(**simulator) if use_simulator else None
     )
-    return events
 
 
 def load_members(
     ckpt: str | Path | Sequence[str | Path], device: str | None = None
-) -> list[tuple[Path, TrainedTwin, HistorySpec]]:
+) -> list[tuple[Path, TrainedTwin]]:
     """One checkpoint, or an ensemble's several (``load_model`` each), reading events alike."""
     paths = [Path(ckpt)] if isinstance(ckpt, (str, Path)) else [Path(c) for c in ckpt]
     if not paths:
         raise FintwinInputError("--ckpt: expected at least one checkpoint")
-    members = [(path, *load_model(path, device)) for path in paths]
-    check_same_events([(path, twin) for path, twin, _ in members])
+    members = [(path, load_model(path, device)) for path in paths]
+    check_same_events(members)
     return members
 
 
-def check_same_featurisation(members: list[tuple[Path, TrainedTwin, HistorySpec]]) -> None:
+def check_same_featurisation(members: list[tuple[Path, TrainedTwin]]) -> None:
     """Twins that simulate together share one featurisation of the histories."""
-    first_path, _, first = members[0]
-    for path, _, spec in members[1:]:
-        for field in ("vocab", "max_len", "numeric_features"):
-            if getattr(spec, field) != getattr(first, field):
+    first_path, first = members[0]
+    for path, twin in members[1:]:
+        for field in ("vocab", "max_len", "numeric_features", "categorical_features",
+                      "categorical_vocabs"):
+            if getattr(twin.spec, field) != getattr(first.spec, field):
                 raise FintwinInputError(
                     f"{path}: its {field} differs from {first_path}'s; the twins of a "
                     "simulated ensemble must featurise histories the same way (e.g. seeds of "
@@ -196,10 +184,11 @@ def simulate(
     cut, last = parse_window(cutoff, horizon_end, "horizon_end")
     members = load_members(ckpt, device)
     check_same_featurisation(members)
-    _, first, spec = members[0]
+    _, first = members[0]
+    spec = first.spec
     events = read_events(first, data_source)
     check_inside_data(events, data_source, cut)
-    for path, twin, _ in members:
+    for path, twin in members:
         if twin.observation_end > observation_end(cut):
             log.warning(
                 "%s was trained on data up to %s, after the cut-off %s",
@@ -207,7 +196,7 @@ def simulate(
                 twin.observation_end,
                 cut.date(),
             )
-    models = [twin.model for _, twin, _ in members]
+    models = [twin.model for _, twin in members]
     config = rollout_config(events, samples, seed, max_steps, keep_paths=paths_out is not None)
     if what_if is None:
         result = rollout(models, spec.sequences(events, cut), spec.vocab, last, config)
@@ -232,7 +221,7 @@ def refuse_leaky_checkpoint(twin: TrainedTwin, ckpt: str | Path, cut: pd.Timesta
     if twin.observation_end > observation_end(cut):
         raise FintwinInputError(
             f"{ckpt}: the checkpoint was trained on data up to {twin.observation_end} "
-            f"(data.cutoff={twin.data.get('cutoff')}), after the report's cut-off {cut.date()}; "
+            f"(data.cutoff={twin.split['cutoff']}), after the report's cut-off {cut.date()}; "
             "its forecasts would have seen the holdout. Use a checkpoint trained with "
             f"data.cutoff <= {cut.date()}"
         )
@@ -260,12 +249,12 @@ def forecasts_table(predictions: dict[str, pd.DataFrame], actual: pd.DataFrame) 
 def check_same_events(members: list[tuple[Path, TrainedTwin]]) -> None:
     """An ensemble's members must read the events alike (the actuals and BG/NBD are shared)."""
     first_path, first = members[0]
-    expected = event_settings(first.data)
+    expected = event_settings(first)
     for path, twin in members[1:]:
-        for key, value in event_settings(twin.data).items():
+        for key, value in event_settings(twin).items():
             if value != expected[key]:
                 raise FintwinInputError(
-                    f"{path}: data.{key}={value!r} differs from {first_path}'s "
+                    f"{path}: {key}={value!r} differs from {first_path}'s "
                     f"{expected[key]!r}; an ensemble's checkpoints must read the events the "
                     "same way"
                 )
@@ -274,7 +263,6 @@ def check_same_events(members: list[tuple[Path, TrainedTwin]]) -> None:
 def twin_forecasts(
     twin: TrainedTwin,
     events: pd.DataFrame,
-    spec: HistorySpec,
     window: tuple[pd.Timestamp, pd.Timestamp],
     config: RolloutConfig,
     days: pd.DatetimeIndex,
@@ -282,9 +270,9 @@ def twin_forecasts(
     """One twin's holdout forecasts (``twin``: rollouts, ``twin_heads``: direct heads), their
     expected cumulative transactions through ``days`` and the number of capped paths."""
     cut, last = window
-    sequences = spec.sequences(events, cut)
-    result = rollout(twin.model, sequences, spec.vocab, last, config)
-    heads = heads_forecast(twin.model, sequences, last, spec.horizon_days)
+    sequences = twin.spec.sequences(events, cut)
+    result = rollout(twin.model, sequences, twin.spec.vocab, last, config)
+    heads = heads_forecast(twin.model, sequences, last, twin.spec.horizon_days)
     predictions = {"twin": rollout_forecast(result), "twin_heads": heads}
     cumulative = {
         "twin": rollout_cumulative(result, days),
@@ -323,7 +311,7 @@ def report(
     """
     cut, last = parse_window(cutoff, holdout_end, "holdout_end")
     members = load_members(ckpt, device)
-    for path, twin, _ in members:
+    for path, twin in members:
         refuse_leaky_checkpoint(twin, path, cut)
     events = read_events(members[0][1], data_source)
     check_inside_data(events, data_source, cut, last)
@@ -331,10 +319,10 @@ def report(
     days = holdout_week_ends(events, cut, last)
     config = rollout_config(events, samples, seed, max_steps)
     forecasts, curves, n_capped = [], [], 0
-    for i, (_, twin, spec) in enumerate(members):
+    for i, (_, twin) in enumerate(members):
         member_config = replace(config, seed=seed + i)
         predictions, cumulative, capped = twin_forecasts(
-            twin, events, spec, (cut, last), member_config, days
+            twin, events, (cut, last), member_config, days
         )
         forecasts.append(predictions)
         curves.append(cumulative)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from fintwin.data.contract import random_inputs, sequence_inputs
 from fintwin.data.features import NS_PER_DAY, PAD_ID, Vocab
-from fintwin.data.sequences import SequenceSet, build_sequences, observation_end
+from fintwin.data.sequences import SequenceSet, observation_end
 from fintwin.errors import FintwinInputError
 from fintwin.models.heads import MIN_GAP_DAYS, AmountDistribution, GapDistribution
 from fintwin.models.module import TwinModule
@@ -100,37 +100,6 @@ class RolloutConfig:
             raise FintwinInputError(f"chunk_customers={self.chunk_customers}: expected >= 1")
         if not all(0.0 <= q <= 1.0 for q in self.quantiles):
             raise FintwinInputError(f"quantiles={self.quantiles}: expected levels in [0, 1]")
-
-
-@dataclass(frozen=True)
-class HistorySpec:
-    """How a checkpoint featurises histories: its vocabulary and sequence settings."""
-
-    vocab: Vocab
-    horizon_days: float
-    max_len: int
-    numeric_features: tuple[str, ...] = ()
-
-    @classmethod
-    def from_data_settings(cls, data: Mapping) -> HistorySpec:
-        """From the data settings a checkpoint stores (``TrainedTwin.data``)."""
-        return cls(
-            vocab=Vocab.from_dict(data["vocab"]),
-            horizon_days=float(data["horizon_days"]),
-            max_len=int(data["max_len"]),
-            numeric_features=tuple(data.get("numeric_features") or ()),
-        )
-
-    def sequences(self, events: pd.DataFrame, cutoff: str | pd.Timestamp) -> SequenceSet:
-        """Calibration histories (events before the end of day ``cutoff``)."""
-        return build_sequences(
-            events,
-            self.vocab,
-            cutoff=cutoff,
-            horizon_days=self.horizon_days,
-            max_len=self.max_len,
-            numeric_features=list(self.numeric_features),
-        )
 
 
 @dataclass
@@ -785,7 +754,7 @@ def rollout(
 ) -> RolloutResult:
     """Simulate every customer of ``sequences`` from the cut-off to the end of ``horizon_end``.
 
-    ``sequences`` holds the calibration histories (``build_sequences`` up to the cut-off);
+    ``sequences`` holds the calibration histories (``FeaturiserSpec.sequences`` up to the cut-off);
     ``vocab`` names the sampled types in the kept paths; ``forced`` injects events into the
     paths (see ``fintwin.twin.whatif``). Runs on the model's device. Several models (an
     ensemble, e.g. seeds of one config, featurising alike) pool their paths: each simulates

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fintwin.data.features import FeaturiserSpec
 from fintwin.data.schema import (
     LINE,
     REQUIRED_COLUMNS,
@@ -53,7 +54,6 @@ from fintwin.models.module import TwinModule
 from fintwin.twin.rollout import (
     ChunkOutcome,
     ForcedEvents,
-    HistorySpec,
     RolloutConfig,
     as_members,
     chunk_customers,
@@ -75,7 +75,7 @@ def _offending(index: pd.Index, mask: pd.Series | np.ndarray) -> pd.Index:
     return index[np.asarray(mask, dtype=bool)].unique()[:SHOWN_ROWS]
 
 
-def _read_table(path: Path, spec: HistorySpec) -> pd.DataFrame:
+def _read_table(path: Path, spec: FeaturiserSpec) -> pd.DataFrame:
     """The what-if columns of a CSV or Parquet file, read as event files are read."""
     if not path.is_file():
         raise FintwinInputError(f"{path}: what-if file not found")
@@ -89,7 +89,7 @@ def _read_table(path: Path, spec: HistorySpec) -> pd.DataFrame:
     )
 
 
-def read_what_if(path: str | Path, spec: HistorySpec, source: str | None = None) -> pd.DataFrame:
+def read_what_if(path: str | Path, spec: FeaturiserSpec, source: str | None = None) -> pd.DataFrame:
     """Read and check a what-if file against the model's vocabulary.
 
     CSV files are read like event files (``fintwin.data.sources.read_csv``: sniffed separator,
@@ -112,7 +112,7 @@ def _customer_ids(col: pd.Series, source: str) -> pd.Series:
     return ids.astype(str)
 
 
-def _event_types(col: pd.Series, spec: HistorySpec, source: str) -> pd.Series:
+def _event_types(col: pd.Series, spec: FeaturiserSpec, source: str) -> pd.Series:
     known = set(spec.vocab.tokens)
     types = col.astype("string").str.strip()
     unknown = ~types.isin(known).fillna(False).to_numpy(dtype=bool)
@@ -149,7 +149,7 @@ def _numeric_feature(col: pd.Series, name: str, source: str) -> pd.Series:
     return values
 
 
-def check_what_if(frame: pd.DataFrame, spec: HistorySpec, source: str = "what-if") -> pd.DataFrame:
+def check_what_if(frame: pd.DataFrame, spec: FeaturiserSpec, source: str = "what-if") -> pd.DataFrame:
     """Check a what-if table; raise ``EventValidationError`` naming the column and rows.
 
     Column names match ignoring case and surrounding whitespace; timestamps and numbers are
@@ -238,7 +238,7 @@ def resolve_what_if(
 
 
 def inject_history(
-    events: pd.DataFrame, rows: pd.DataFrame, spec: HistorySpec, cutoff: str | pd.Timestamp
+    events: pd.DataFrame, rows: pd.DataFrame, spec: FeaturiserSpec, cutoff: str | pd.Timestamp
 ) -> pd.DataFrame:
     """``events`` with the injected ``rows`` added, sorted by customer then time.
 
@@ -255,7 +255,7 @@ def inject_history(
 
 
 def forced_events(
-    rows: pd.DataFrame, n_customers: int, start: pd.Timestamp, spec: HistorySpec
+    rows: pd.DataFrame, n_customers: int, start: pd.Timestamp, spec: FeaturiserSpec
 ) -> ForcedEvents:
     """Injected events at or after ``start`` as padded per-customer arrays."""
     n_numeric = len(spec.numeric_features)
@@ -336,7 +336,7 @@ def overall_effect(per_customer: pd.DataFrame) -> dict[str, float]:
 def what_if(
     model: TwinModule | Sequence[TwinModule],
     events: pd.DataFrame,
-    spec: HistorySpec,
+    spec: FeaturiserSpec,
     cutoff: str | pd.Timestamp,
     horizon_end: str | pd.Timestamp,
     injections: pd.DataFrame,

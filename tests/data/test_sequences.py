@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fintwin.data.datamodule import EventDataModule
-from fintwin.data.features import OOV_ID, Vocab
+from fintwin.data.datamodule import CustomerSplit, EventDataModule
+from fintwin.data.features import OOV_ID, FeaturiserSpec, Vocab
 from fintwin.data.schema import validate_events
-from fintwin.data.sequences import build_sequences, loss_terms_per_customer, training_extent
+from fintwin.data.sequences import loss_terms_per_customer, training_extent
 from fintwin.models.module import silent_window_targets
 
 CUTOFF = "2024-05-31"  # calibration ends at 2024-06-01 00:00
@@ -22,9 +22,13 @@ def hand_table():
     return validate_events(df)[0]
 
 
+def hand_sequences(max_len=10, types=("card", "salary"), horizon_days=15):
+    spec = FeaturiserSpec(Vocab(types), max_len=max_len, horizon_days=horizon_days)
+    return spec.sequences(hand_table(), CUTOFF)
+
+
 def test_targets_by_hand():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=10)
+    seq = hand_sequences()
     b = seq.batch(np.array([0, 1]))
     assert b["length"].tolist() == [3, 1]
     assert b["event_type"].tolist() == [[2, 3, 2], [OOV_ID, 0, 0]]
@@ -41,8 +45,7 @@ def test_targets_by_hand():
 
 
 def test_loss_terms_per_customer_by_hand():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=10)
+    seq = hand_sequences()
     # a: 2 observed next events, 3 gaps (one censored), 2 churn and 2 horizon targets; b: 1 gap
     assert loss_terms_per_customer(seq, np.array([0])) == {
         "events_per_customer": 2.0,
@@ -59,8 +62,7 @@ def test_loss_terms_per_customer_by_hand():
 
 
 def test_truncation_keeps_most_recent_and_padding_is_zero():
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=2)
+    seq = hand_sequences(max_len=2)
     b = seq.batch(np.array([1, 0]))
     assert b["length"].tolist() == [1, 2]
     assert b["amount"].tolist() == [[3.0, 0.0], [100.0, 5.0]]
@@ -70,8 +72,7 @@ def test_truncation_keeps_most_recent_and_padding_is_zero():
 
 def test_horizon_targets_after_a_silence_by_hand():
     """a: events on days 0, 10, 20.5, observation ends on day 31, horizon 15 days."""
-    seq = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF, horizon_days=15,
-                          max_len=10)
+    seq = hand_sequences()
     b = seq.batch(np.array([0, 1]))
     # right after each event; the post-cutoff event of 2024-06-15 is invisible
     right_after = silent_window_targets(b, 15.0, 0.0)
@@ -90,16 +91,14 @@ def test_horizon_targets_after_a_silence_by_hand():
     assert late["count"][0].tolist() == [2.0, 1.0, 0.0]
     assert late["spend"][0].tolist() == [105.0, 5.0, 0.0]
     # truncation keeps the later events, so the targets do not change
-    short = build_sequences(hand_table(), Vocab(("card", "salary")), cutoff=CUTOFF,
-                            horizon_days=15, max_len=2).batch(np.array([0]))
+    short = hand_sequences(max_len=2).batch(np.array([0]))
     assert silent_window_targets(short, 15.0, 0.5)["count"][0].tolist() == [1.0, 0.0]
 
 
 def test_training_extent_counts_the_kept_events_their_gaps_and_the_longest_silence():
     """a keeps 3 events over 20.5 days; truncated to 2, its kept gaps still sum to 20.5. A
     whole 15-day window follows at most 10 days of silence (after day 0, before day 10)."""
-    vocab = Vocab(("card", "salary"))
-    full = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=10)
+    full = hand_sequences()
     assert training_extent(full, np.array([0, 1]), 15.0) == {
         "history_max_events": 3.0,
         "history_max_days": 20.5,
@@ -110,7 +109,7 @@ def test_training_extent_counts_the_kept_events_their_gaps_and_the_longest_silen
         "history_max_days": 0.0,
     }
     assert training_extent(full, np.array([], dtype=np.int64), 15.0) == {}
-    short = build_sequences(hand_table(), vocab, cutoff=CUTOFF, horizon_days=15, max_len=2)
+    short = hand_sequences(max_len=2)
     assert training_extent(short, np.array([0]), 15.0) == {
         "history_max_events": 2.0,
         "history_max_days": 20.5,
@@ -119,13 +118,13 @@ def test_training_extent_counts_the_kept_events_their_gaps_and_the_longest_silen
 
 
 def test_single_event_customer_kept():
-    seq = build_sequences(hand_table(), Vocab(("card",)), cutoff=CUTOFF, horizon_days=1, max_len=5)
+    seq = hand_sequences(max_len=5, types=("card",), horizon_days=1)
     assert list(seq.customer_ids) == ["a", "b"] and seq.lengths.tolist() == [3, 1]
 
 
 def _datamodule(events):
     dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=16,
-                         batch_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
+                         batch_size=8, split=CustomerSplit(val=0.2, test=0.2, seed=3), seed=3)
     dm.setup()
     return dm
 
@@ -145,7 +144,7 @@ def test_no_leak_from_after_cutoff(events):
     deleted = events[~after]
     for variant in (moved, deleted):
         other = _datamodule(variant)
-        assert other.scaling == base.scaling and other.vocab == base.vocab
+        assert other.spec == base.spec and other.model_scaling == base.model_scaling
         for split in ("train", "val", "test"):
             assert np.array_equal(other.splits[split], base.splits[split])
         for name, tensor in _all_batches(base).items():

@@ -24,6 +24,7 @@ from fintwin.data.contract import (
     model_inputs,
     random_inputs,
 )
+from fintwin.data.features import stored_spec
 from fintwin.export.triton_repo import read_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +44,11 @@ def exported(tmp_path_factory, tiny_checkpoint) -> Path:
 def sizes(exported) -> dict[str, int]:
     """The exported model's sizes, from what fintwin.json says of its vocabulary and settings."""
     metadata = json.loads((exported / "1" / "fintwin.json").read_text())
+    spec = stored_spec(metadata, "fintwin.json")
     return {
-        "vocab_size": len(metadata["vocab"]) + 2,
+        "vocab_size": spec.vocab.size,
         "quantiles": len(metadata["quantiles"]),
-        "numeric_features": len(metadata["numeric_features"]),
+        "numeric_features": spec.n_numeric,
     }
 
 

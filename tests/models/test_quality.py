@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from fintwin.data.datamodule import EventDataModule
+from fintwin.data.datamodule import CustomerSplit, EventDataModule
 from fintwin.data.features import NS_PER_DAY
 from fintwin.data.sequences import fit_population_gaps, training_gaps
 from fintwin.models.heads import GapDistribution
@@ -20,7 +20,7 @@ from fintwin.models.quality import gap_baselines, gap_calibration
 @pytest.fixture
 def datamodule(events) -> EventDataModule:
     dm = EventDataModule(events=events, cutoff="2024-05-31", horizon_days=30, max_len=64,
-                         batch_size=8, val_fraction=0.2, test_fraction=0.3, seed=3)
+                         batch_size=8, split=CustomerSplit(val=0.2, test=0.3, seed=3), seed=3)
     dm.setup()
     return dm
 

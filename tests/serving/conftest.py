@@ -25,6 +25,7 @@ from fintwin.data.contract import (
     model_inputs,
 )
 from fintwin.data.contract import random_inputs as contract_random_inputs
+from fintwin.data.features import FEATURISER_KEY, FeaturiserSpec, Vocab
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     format_model_config,
@@ -45,9 +46,10 @@ MAX_QUEUE_DELAY_US = 200
 MAX_LEN = 256  # fintwin.json: longer sequences are refused
 MAX_BATCH_ELEMENTS = 8192  # config parameter: rows x events per request and per run
 METADATA = {  # fintwin.json
-    "vocab": {f"type_{i}": i for i in range(2, VOCAB_SIZE)},
-    "horizon_days": 90.0,
-    "max_len": MAX_LEN,
+    FEATURISER_KEY: FeaturiserSpec(
+        Vocab(tuple(f"type_{i}" for i in range(2, VOCAB_SIZE))), max_len=MAX_LEN, horizon_days=90.0
+    ).to_dict(),
+    "quantiles": [0.1, 0.5, 0.9],
     CONTRACT_KEY: exported_contract(SIZES),
 }
 

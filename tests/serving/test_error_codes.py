@@ -15,7 +15,12 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.export.triton_repo import write_model_version
-from fintwin.serving.python_model import CONTRACT_KEY, OnnxModel, config_parameter
+from fintwin.serving.python_model import (
+    CONTRACT_KEY,
+    FEATURISER_KEY,
+    OnnxModel,
+    config_parameter,
+)
 from fintwin.serving.server import EmbeddedTriton
 
 Inputs = dict[str, np.ndarray]
@@ -168,7 +173,7 @@ def test_fault_on_the_server_side_is_500_and_spares_the_next_request(faulty_serv
 
 def test_budget_below_max_len_is_refused_at_load(standin_onnx, standin):
     with pytest.raises(ValueError, match=r"max_batch_elements=100 is smaller than .*max_len=256"):
-        OnnxModel(standin_onnx, {"max_len": 256}, max_batch_elements=100)
+        OnnxModel(standin_onnx, {FEATURISER_KEY: {"max_len": 256}}, max_batch_elements=100)
     with pytest.raises(ValueError, match=r"max_batch_elements=0: expected >= 1"):
         OnnxModel(standin_onnx, standin.metadata, max_batch_elements=0)
 

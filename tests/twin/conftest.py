@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fintwin.data.features import OOV_ID, Vocab
+from fintwin.data.features import OOV_ID, FeaturiserSpec, Vocab
 from fintwin.models.module import TwinModule
-from fintwin.twin.rollout import HistorySpec
 
 TYPES = ("card", "salary", "transfer")
 VOCAB = Vocab(TYPES)
@@ -44,7 +43,7 @@ TINY_ENCODERS = {
         "time_features": 4,
     },
 }
-SPEC = HistorySpec(vocab=VOCAB, horizon_days=HORIZON_DAYS, max_len=64)
+SPEC = FeaturiserSpec(vocab=VOCAB, horizon_days=HORIZON_DAYS, max_len=64)
 
 
 def build_twin(

@@ -44,10 +44,10 @@ def save_checkpoint(
     torch.manual_seed(0)
     model = TwinModule(
         dict(TINY_ENCODERS[encoder]),
-        vocab_size=data.vocab.size,
-        scaling=data.scaling,
-        horizon_days=data.horizon_days,
-        n_numeric=data.n_numeric,
+        vocab_size=data.spec.vocab.size,
+        scaling=data.model_scaling,
+        horizon_days=data.spec.horizon_days,
+        n_numeric=data.spec.n_numeric,
     )
     checkpoint = {
         "state_dict": model.state_dict(),

@@ -12,7 +12,6 @@ import torch
 from scipy.stats import norm
 
 from fintwin.data.features import OOV_ID, OOV_LABEL, PAD_ID, PAD_LABEL
-from fintwin.data.sequences import build_sequences
 from fintwin.errors import FintwinInputError
 from fintwin.twin.rollout import Calendar, RolloutConfig, model_device, rollout, step_inputs
 from tests.twin.conftest import (
@@ -167,9 +166,7 @@ def test_stepping_matches_reencoding_the_extended_history(encoder: str) -> None:
         previous = time
 
     extended = pd.concat([events, paths[events.columns]], ignore_index=True)
-    full = build_sequences(
-        extended, VOCAB, cutoff=HORIZON_END, horizon_days=30.0, max_len=64
-    ).batch(np.arange(1), with_targets=False)
+    full = SPEC.sequences(extended, HORIZON_END).batch(np.arange(1), with_targets=False)
     n = len(events)
     for k, inputs in enumerate(stepped):
         for key, value in inputs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from scipy.stats import norm
 
 from fintwin.errors import FintwinInputError
-from fintwin.twin.rollout import HistorySpec, RolloutConfig, mean_numeric
+from fintwin.twin.rollout import RolloutConfig, mean_numeric
 from fintwin.twin.whatif import (
     check_what_if,
     inject_history,
@@ -129,7 +130,7 @@ def test_read_what_if_file(tmp_path: Path) -> None:
 def test_what_if_file_is_read_as_event_files_are(tmp_path: Path) -> None:
     """';' separators, padded mixed-case headers, decimal commas with thousands separators,
     day-first dates and an optional numeric feature, as in a spreadsheet export."""
-    spec = HistorySpec(SPEC.vocab, SPEC.horizon_days, SPEC.max_len, numeric_features=("balance",))
+    spec = dataclasses.replace(SPEC, numeric_features=("balance",))
     path = tmp_path / "what_if.csv"
     path.write_text(
         "\ufeff Customer_ID ;Timestamp;Event_Type;Amount;Balance\r\n"
@@ -234,7 +235,7 @@ def test_star_rows_expand_in_customer_order(events) -> None:
 
 
 def test_numeric_features_take_the_customer_mean_when_missing(events) -> None:
-    spec = HistorySpec(SPEC.vocab, SPEC.horizon_days, SPEC.max_len, numeric_features=("balance",))
+    spec = dataclasses.replace(SPEC, numeric_features=("balance",))
     events = events.assign(balance=[1.0, 2.0, 6.0, 10.0, 20.0, 30.0])
     rows = check_what_if(
         pd.DataFrame(
