@@ -9,7 +9,8 @@ Axes are named. ``batch`` and ``seq`` are dynamic: any size >= 1, shared by ever
 has them. The others are sizes of one model, fixed when it is exported (``SIZE_AXES``). Inputs
 with a ``seq`` axis are right-padded: positions at or after a row's ``length`` hold
 ``PADDING``. An input with a model-size axis of size 0 (``numeric`` of a model without numeric
-features) is left out of that model.
+features) is left out of that model. A bound may name a list of model sizes (``FIELD_SIZES``):
+one bound per element of the input's last axis (each categorical feature's vocabulary size).
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ SIZE_AXES = {
     "vocab_size": "event-type ids, padding (0) and unknown type (1) included",
     "quantiles": "levels of the time quantiles (fintwin.json `quantiles`)",
     "numeric_features": "numeric feature columns (fintwin.json `numeric_features`)",
+    "categorical_features": "categorical feature columns (fintwin.json `categorical_features`)",
 }
+FIELD_SIZES = {  # list-valued model sizes: one per element of an axis of SIZE_AXES
+    "categorical_sizes": ("categorical_features", "ids of each categorical feature, padding (0) "
+                          "and unknown value (1) included"),
+}
+OPTIONAL_SIZES = {"categorical_features": 0, "categorical_sizes": ()}  # absent: no such input
 PADDING = 0
 LENGTH_INPUT = "length"
 CONTRACT_KEY = "contract"  # fintwin.json: the table with this model's sizes filled in
+Sizes = Mapping[str, int | Sequence[int]]  # a model's SIZE_AXES and FIELD_SIZES
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,9 @@ class TensorSpec:
     """One model input or output.
 
     ``low`` (inclusive) and ``high`` bound the values of real (not padding) elements; ``high``
-    is a number or the name of an axis or model size, excluded with ``closed="left"`` and
-    included with ``closed="both"``. Floats must be finite. ``example`` is the numpy
+    is a number, the name of an axis or model size, or the name of a ``FIELD_SIZES`` list (a
+    bound per element of the last axis), excluded with ``closed="left"`` and included with
+    ``closed="both"``. Floats must be finite. ``example`` is the numpy
     ``Generator`` method and its parameters that random valid floats are drawn with (integers
     are drawn uniformly within their bounds).
     """
@@ -95,6 +104,9 @@ MODEL_INPUTS = (
     TensorSpec("numeric", "float32", (BATCH_AXIS, SEQUENCE_AXIS, "numeric_features"),
                "raw numeric features, in fintwin.json `numeric_features` order",
                example=("normal", 0.0, 3.0)),
+    TensorSpec("categorical", "int64", (BATCH_AXIS, SEQUENCE_AXIS, "categorical_features"),
+               "categorical feature ids, in fintwin.json `categorical_features` order (1: a value "
+               "unknown to the feature's vocabulary)", low=OOV_ID, high="categorical_sizes"),
 )
 
 MODEL_OUTPUTS = (
@@ -116,13 +128,23 @@ MODEL_OUTPUTS = (
 OUTPUT_NAMES = tuple(spec.name for spec in MODEL_OUTPUTS)
 
 
-def _size(axis: str, sizes: Mapping[str, int]) -> int:
-    if axis not in sizes:
+def _size(axis: str, sizes: Sizes) -> int:
+    if axis not in sizes and axis not in OPTIONAL_SIZES:
         raise KeyError(f"model size {axis!r} is not given; expected sizes of {sorted(SIZE_AXES)}")
-    return int(sizes[axis])
+    return int(sizes.get(axis, OPTIONAL_SIZES.get(axis)))
 
 
-def model_inputs(sizes: Mapping[str, int]) -> list[TensorSpec]:
+def _field_sizes(name: str, sizes: Sizes) -> list[int]:
+    """The list-valued model size ``name``, one value per element of its axis."""
+    axis, _ = FIELD_SIZES[name]
+    values = [int(value) for value in sizes.get(name, OPTIONAL_SIZES.get(name, ()))]
+    if len(values) != _size(axis, sizes):
+        raise ValueError(f"model size {name!r} has {len(values)} values; expected one per "
+                         f"{axis!r} ({_size(axis, sizes)})")
+    return values
+
+
+def model_inputs(sizes: Sizes) -> list[TensorSpec]:
     """The inputs of a model with these ``SIZE_AXES`` sizes, in graph order."""
     return [
         spec for spec in MODEL_INPUTS
@@ -130,29 +152,32 @@ def model_inputs(sizes: Mapping[str, int]) -> list[TensorSpec]:
     ]
 
 
-def sequence_inputs(sizes: Mapping[str, int]) -> list[TensorSpec]:
+def sequence_inputs(sizes: Sizes) -> list[TensorSpec]:
     """The model's per-event inputs (those with the sequence axis)."""
     return [spec for spec in model_inputs(sizes) if spec.padded]
 
 
-def _resolve(value: int | str | None, sizes: Mapping[str, int]) -> int | str | None:
-    """A model size replaced by its value; numbers and dynamic axes are kept."""
+def _resolve(value: int | str | None, sizes: Sizes) -> int | list[int] | str | None:
+    """A model size (or list of sizes) replaced by its value; numbers and dynamic axes are
+    kept."""
+    if isinstance(value, str) and value in FIELD_SIZES:
+        return _field_sizes(value, sizes)
     return _size(value, sizes) if isinstance(value, str) and value in SIZE_AXES else value
 
 
-def _output_entry(spec: TensorSpec, sizes: Mapping[str, int]) -> dict:
+def _output_entry(spec: TensorSpec, sizes: Sizes) -> dict:
     return {"name": spec.name, "dtype": spec.dtype,
             "shape": [_resolve(axis, sizes) for axis in spec.axes]}
 
 
-def _input_entry(spec: TensorSpec, sizes: Mapping[str, int]) -> dict:
+def _input_entry(spec: TensorSpec, sizes: Sizes) -> dict:
     return _output_entry(spec, sizes) | {
         "low": spec.accepted_low, "high": _resolve(spec.high, sizes), "closed": spec.closed,
         "finite": spec.finite,
     }
 
 
-def exported_contract(sizes: Mapping[str, int]) -> dict[str, list[dict]]:
+def exported_contract(sizes: Sizes) -> dict[str, list[dict]]:
     """The table as plain JSON for fintwin.json: this model's inputs and outputs, model sizes
     filled in, each input with the bounds of any of its values (padding included)."""
     return {
@@ -161,7 +186,7 @@ def exported_contract(sizes: Mapping[str, int]) -> dict[str, list[dict]]:
     }
 
 
-def random_inputs(rng: np.random.Generator, sizes: Mapping[str, int], batch: int, seq_len: int,
+def random_inputs(rng: np.random.Generator, sizes: Sizes, batch: int, seq_len: int,
                   lengths: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Random valid inputs: ``lengths`` (default random in [1, seq_len], the first row full),
     real values within bounds, ``PADDING`` after each row's length."""
@@ -185,11 +210,13 @@ def random_inputs(rng: np.random.Generator, sizes: Mapping[str, int], batch: int
 
 
 def _draw(spec: TensorSpec, rng: np.random.Generator, shape: tuple[int, ...],
-          sizes: Mapping[str, int]) -> np.ndarray:
+          sizes: Sizes) -> np.ndarray:
     if spec.finite:
         method, *parameters = spec.example
         return getattr(rng, method)(*parameters, shape).astype(spec.dtype)
     high = _resolve(spec.high, sizes)
+    if isinstance(high, list):  # one bound per element of the last axis
+        high = np.asarray(high)
     return rng.integers(spec.low, high + (spec.closed == "both"), shape, dtype=spec.dtype)
 
 
@@ -216,6 +243,8 @@ def markdown_tables() -> str:
               f"| `{BATCH_AXIS}` | dynamic: rows (customers) of the request |",
               f"| `{SEQUENCE_AXIS}` | dynamic: events per row, padding included |"]
     lines += [f"| `{axis}` | fixed at export: {text} |" for axis, text in SIZE_AXES.items()]
+    lines += [f"| `{name}` | fixed at export, one per `{axis}`: {text} |"
+              for name, (axis, text) in FIELD_SIZES.items()]
     return "\n".join(lines) + "\n"
 
 

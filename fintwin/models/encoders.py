@@ -7,8 +7,8 @@ Both encoders share one interface:
 - ``prefix_state(batch) -> state``: the carried state after each row's last real event
   (``length - 1``), including ``state["hidden"]`` (``[B, H]``, the hidden state there).
 - ``step(event, state) -> (hidden[B, H], new_state)``: feed one more event per row
-  (``event`` is a dict of ``[B]`` tensors, ``numeric`` ``[B, F]``) without re-encoding the
-  history.
+  (``event`` is a dict of ``[B]`` tensors, ``numeric`` ``[B, F]``, ``categorical`` ``[B, C]``)
+  without re-encoding the history.
 - ``expand_state(state, n)``: repeat every row ``n`` times (row ``i`` -> rows
   ``i*n .. i*n+n-1``), for many Monte Carlo samples per customer.
 
@@ -49,7 +49,8 @@ def expand_state(state: State, n: int) -> State:
 
 
 def event_as_batch(event: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A one-event step (``[B]`` tensors, ``numeric`` ``[B, F]``) as a ``T = 1`` batch."""
+    """A one-event step (``[B]`` tensors, ``numeric`` ``[B, F]``, ``categorical`` ``[B, C]``)
+    as a ``T = 1`` batch."""
     return {key: value.unsqueeze(1) for key, value in event.items()}
 
 
@@ -71,9 +72,15 @@ class EventEmbedding(nn.Module):
     """Embeds raw event features into ``dim``-sized vectors.
 
     Sums: event-type embedding (``padding_idx=0``); calendar embeddings (day of week,
-    day of month, hour); a linear map of the standardised continuous values
-    ``[log1p(amount), log1p(delta_t), numeric extras]``. The scaling statistics are
-    buffers, so the module (and the exported graph) takes raw values.
+    day of month, hour); one embedding per categorical feature (``categorical_sizes``, ids
+    ``batch["categorical"][..., c]``, ``padding_idx=0``); a linear map of the standardised
+    continuous values ``[log1p(amount), log1p(delta_t), numeric extras]``. The scaling
+    statistics are buffers, so the module (and the exported graph) takes raw values.
+
+    Categorical features are summed like the event type and the calendar, not concatenated
+    and projected: a projection of concatenated embeddings is itself a sum of per-feature
+    linear maps, so at the model's width the sum loses nothing and adds no layer, and a
+    model without categorical features keeps its parameters (and numbers) unchanged.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class EventEmbedding(nn.Module):
         scaling: Mapping[str, object],
         n_numeric: int = 0,
         dropout: float = 0.0,
+        categorical_sizes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         _check_scaling(scaling, n_numeric)
@@ -94,6 +102,9 @@ class EventEmbedding(nn.Module):
         self.value_projection = nn.Linear(2 + n_numeric, dim)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        self.categorical_embeddings = nn.ModuleList(
+            nn.Embedding(size, dim, padding_idx=0) for size in _checked_sizes(categorical_sizes)
+        )
         log_mean = [float(scaling["amount_mean"]), float(scaling["delta_t_mean"])]
         log_std = [float(scaling["amount_std"]), float(scaling["delta_t_std"])]
         self.register_buffer("log_mean", torch.tensor(log_mean))
@@ -123,7 +134,20 @@ class EventEmbedding(nn.Module):
             + self.hour_embedding(batch["hour"].clamp(0, 23))
             + self.value_projection(self.scaled_values(batch))
         )
+        for field, embedding in enumerate(self.categorical_embeddings):
+            x = x + embedding(batch["categorical"][..., field])
         return self.dropout(self.norm(x))
+
+
+def _checked_sizes(categorical_sizes: Sequence[int]) -> list[int]:
+    """Vocabulary sizes of the categorical features; each holds padding and OOV (>= 2)."""
+    sizes = [int(size) for size in categorical_sizes]
+    if any(size < 2 for size in sizes):
+        raise ValueError(
+            f"categorical_sizes {sizes}: every size counts padding (0) and the unknown value "
+            "(1), so it must be >= 2"
+        )
+    return sizes
 
 
 RECENCY_CAP_DAYS = 3650.0
@@ -319,7 +343,7 @@ class LSTMEncoder(EventInput):
     The hidden state is the LSTM output plus the event's own embedding (a skip connection:
     the heads see the current event directly, the LSTM carries the history).
     ``type_recency`` and ``history_summary`` add ``TypeRecency`` and ``HistorySummary``
-    features to the input.
+    features to the input; ``categorical_sizes`` embeds categorical features (``EventEmbedding``).
     State: ``h``, ``c`` ``[B, num_layers, H]``, ``hidden`` ``[B, H]`` (and ``since``,
     ``summary``).
     """
@@ -334,10 +358,13 @@ class LSTMEncoder(EventInput):
         dropout: float = 0.1,
         type_recency: bool = False,
         history_summary: bool = False,
+        categorical_sizes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
-        self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.embedding = EventEmbedding(
+            vocab_size, hidden_size, scaling, n_numeric, dropout, categorical_sizes
+        )
         self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
         self.summary = HistorySummary(hidden_size, scaling) if history_summary else None
         self.lstm = nn.LSTM(
@@ -479,7 +506,8 @@ class TransformerEncoder(EventInput):
     a learned projection of sinusoidal features of elapsed time (days since the first event
     of the sequence, the cumulative sum of ``delta_t``); ``log1p(delta_t)`` itself is in the
     event embedding. ``type_recency`` and ``history_summary`` add ``TypeRecency`` and
-    ``HistorySummary`` features to the input.
+    ``HistorySummary`` features to the input; ``categorical_sizes`` embeds categorical
+    features (``EventEmbedding``).
 
     State: ``k``, ``v`` ``[B, num_layers, nh, S, hd]`` key/value cache; ``valid`` ``[B, S]``
     (cache slots that hold real events: slots past a row's length in the prefix are
@@ -502,6 +530,7 @@ class TransformerEncoder(EventInput):
         max_period_days: float = 10000.0,
         type_recency: bool = False,
         history_summary: bool = False,
+        categorical_sizes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if hidden_size % 2 or time_features % 2:
@@ -512,7 +541,9 @@ class TransformerEncoder(EventInput):
         self.hidden_size = hidden_size
         self.time_features = time_features
         self.max_period_days = max_period_days
-        self.embedding = EventEmbedding(vocab_size, hidden_size, scaling, n_numeric, dropout)
+        self.embedding = EventEmbedding(
+            vocab_size, hidden_size, scaling, n_numeric, dropout, categorical_sizes
+        )
         self.recency = TypeRecency(vocab_size, hidden_size) if type_recency else None
         self.summary = HistorySummary(hidden_size, scaling) if history_summary else None
         self.time_projection = nn.Linear(time_features, hidden_size)
@@ -591,9 +622,14 @@ def build_encoder(
     vocab_size: int,
     scaling: Mapping[str, object],
     n_numeric: int = 0,
+    categorical_sizes: Sequence[int] = (),
     **kwargs: object,
 ) -> nn.Module:
-    """Build an encoder by name (``lstm`` | ``transformer``) with architecture ``kwargs``."""
+    """Build an encoder by name (``lstm`` | ``transformer``) with architecture ``kwargs``;
+    ``categorical_sizes``: the vocabulary size of each categorical feature."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
-    return ENCODERS[name](vocab_size=vocab_size, scaling=scaling, n_numeric=n_numeric, **kwargs)
+    return ENCODERS[name](
+        vocab_size=vocab_size, scaling=scaling, n_numeric=n_numeric,
+        categorical_sizes=categorical_sizes, **kwargs,
+    )

@@ -199,6 +199,8 @@ class TwinModule(pl.LightningModule):
         scaling: scaling statistics fitted on calibration data (see the batch contract).
         horizon_days: horizon of the churn and horizon targets (stored for metadata).
         n_numeric: number of extra numeric features ``F``.
+        categorical_sizes: vocabulary size of each categorical feature (padding and OOV
+            included), in the order of ``batch["categorical"]``'s last axis.
         n_components: log-normal mixture components of the time head.
         loss_weights: weights of ``type, time, amount, churn, horizon`` (default 1 each).
         lr, weight_decay, warmup_steps: AdamW with linear warmup and cosine decay over
@@ -219,9 +221,11 @@ class TwinModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         compile: bool = False,
+        categorical_sizes: Sequence[int] = (),
     ) -> None:
         encoder = to_plain(encoder)
         scaling = to_plain(scaling)
+        categorical_sizes = [int(size) for size in to_plain(categorical_sizes)]
         loss_weights = {term: 1.0 for term in LOSS_TERMS} | to_plain(loss_weights or {})
         unknown = sorted(set(loss_weights) - set(LOSS_TERMS))
         if unknown:
@@ -232,7 +236,8 @@ class TwinModule(pl.LightningModule):
         self.save_hyperparameters()
         encoder_kwargs = {key: value for key, value in encoder.items() if key != "name"}
         self.encoder = build_encoder(
-            encoder["name"], vocab_size, scaling, n_numeric=n_numeric, **encoder_kwargs
+            encoder["name"], vocab_size, scaling, n_numeric=n_numeric,
+            categorical_sizes=categorical_sizes, **encoder_kwargs,
         )
         hidden = self.encoder.hidden_size
         self.type_head = TypeHead(hidden, vocab_size)
@@ -269,12 +274,16 @@ class TwinModule(pl.LightningModule):
             horizon=self.horizon_head(hidden, horizon_elapsed),
         )
 
-    def contract_sizes(self) -> dict[str, int]:
-        """This model's sizes of the exported contract's fixed axes (CONTRACT.md)."""
+    def contract_sizes(self) -> dict[str, int | list[int]]:
+        """This model's sizes of the exported contract's fixed axes and per-feature bounds
+        (CONTRACT.md)."""
+        categorical_sizes = list(self.hparams.get("categorical_sizes", []))
         return {
             "vocab_size": int(self.hparams.vocab_size),
             "quantiles": len(QUANTILE_LEVELS),
             "numeric_features": int(self.hparams.n_numeric),
+            "categorical_features": len(categorical_sizes),
+            "categorical_sizes": categorical_sizes,
         }
 
     def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

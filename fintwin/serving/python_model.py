@@ -106,11 +106,12 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Bounds:
     """The values an input may hold, from its contract entry: ``low`` (inclusive) and ``high``,
-    a number or the name of an axis whose size in the request bounds it, excluded when
-    ``closed`` is "left" and included when it is "both"; ``finite``: no NaN/inf."""
+    a number, the name of an axis whose size in the request bounds it, or a list of numbers
+    (one per element of the last axis: each categorical feature's vocabulary size), excluded
+    when ``closed`` is "left" and included when it is "both"; ``finite``: no NaN/inf."""
 
     low: float | None
-    high: float | str | None
+    high: float | str | list[float] | None
     closed: str
     finite: bool
 
@@ -119,16 +120,17 @@ class Bounds:
         return cls(entry.get("low"), entry.get("high"), entry.get("closed", "left"),
                    bool(entry.get("finite")))
 
-    def outside(self, array: np.ndarray, high: float | None) -> np.ndarray | None:
+    def outside(self, array: np.ndarray, high: float | list[float] | None) -> np.ndarray | None:
         """Mask of the values out of bounds, None when all are inside (cheap when valid)."""
         too_low = self.low is not None and array.min() < self.low
-        too_high = high is not None and (
-            array.max() > high if self.closed == "both" else array.max() >= high
+        upper = np.asarray(np.inf if high is None else high)
+        peak = array.max() if upper.ndim == 0 else array.reshape(-1, len(upper)).max(axis=0)
+        too_high = high is not None and bool(
+            np.any(peak > upper if self.closed == "both" else peak >= upper)
         )
         if not (too_low or too_high):
             return None
         low = -np.inf if self.low is None else self.low
-        upper = np.inf if high is None else high
         return (array < low) | ((array > upper) if self.closed == "both" else (array >= upper))
 
     def describe(self, high: float | None) -> str:
@@ -342,6 +344,15 @@ def contract_bounds(
                 "both must come from the same export"
             )
     bounds = {entry["name"]: Bounds.from_entry(entry) for entry in contract["inputs"]}
+    misfit = {
+        spec.name: bounds[spec.name].high for spec in inputs
+        if isinstance(bounds[spec.name].high, list) and (len(bounds[spec.name].high),) != spec.shape[-1:]
+    }
+    if misfit:
+        raise MetadataError(
+            f"{source} bounds inputs by lists that do not have one bound per element of their "
+            f"last axis: {misfit}; export the model again with `fintwin export`"
+        )
     axes = {axis for spec in inputs for axis in spec.shape if isinstance(axis, str)}
     unknown = {name: b.high for name, b in bounds.items() if isinstance(b.high, str) and b.high not in axes}
     if unknown:
@@ -414,9 +425,14 @@ def _check_values(
     outside = bounds.outside(array, high)
     if outside is not None:
         first = tuple(np.argwhere(outside)[0])
+        if isinstance(high, list):  # one bound per element of the last axis
+            expected = (f"{bounds.describe(high[first[-1]])} at index {first[-1]} of the last "
+                        f"axis (one bound per index: {high})")
+        else:
+            expected = bounds.describe(high)
         raise InputError(
             f"input {name!r} holds {array[first]} at row {first[0]}{_position(first[1:])}; "
-            f"expected {bounds.describe(high)}"
+            f"expected {expected}"
         )
 
 

@@ -77,10 +77,13 @@ def build_batch(
     seed: int = 0,
     event_types: np.ndarray | None = None,
     gaps: np.ndarray | None = None,
+    categorical_sizes: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
     """A right-padded batch with inputs and targets consistent with each other.
 
-    ``event_types`` / ``gaps`` (``[B, max(lengths)]``) override the random draws.
+    ``event_types`` / ``gaps`` (``[B, max(lengths)]``) override the random draws;
+    ``categorical_sizes`` adds ``categorical`` ids (drawn after everything else, so the other
+    inputs do not depend on it).
     """
     rng = np.random.default_rng(seed)
     batch_size, longest = len(lengths), max(lengths)
@@ -127,6 +130,12 @@ def build_batch(
     batch["length"] = torch.tensor(list(lengths), dtype=torch.int64)
     if n_numeric == 0:
         del batch["numeric"]
+    if categorical_sizes:
+        ids = rng.integers(1, np.asarray(categorical_sizes), (batch_size, longest, len(categorical_sizes)))
+        real = np.arange(longest)[None, :] < np.asarray(lengths)[:, None]
+        categorical = np.zeros((batch_size, max_len, len(categorical_sizes)), np.int64)
+        categorical[:, :longest] = np.where(real[..., None], ids, 0)
+        batch["categorical"] = torch.from_numpy(categorical)
     return batch
 
 

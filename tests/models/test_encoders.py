@@ -19,13 +19,18 @@ from fintwin.models.encoders import (
 )
 
 N_NUMERIC = 2
-SEQUENCE_KEYS = tuple(spec.name for spec in sequence_inputs({"numeric_features": N_NUMERIC}))
+CATEGORICAL_SIZES = (4, 3)  # two categorical features: ids 2.. known, 1 unknown, 0 padding
+SIZES = {"numeric_features": N_NUMERIC, "categorical_features": len(CATEGORICAL_SIZES),
+         "categorical_sizes": list(CATEGORICAL_SIZES)}  # fmt: skip
+SEQUENCE_KEYS = tuple(spec.name for spec in sequence_inputs(SIZES))
+FEATURES = {"n_numeric": N_NUMERIC, "categorical_sizes": CATEGORICAL_SIZES}
 
 
 @pytest.fixture
 def encoder(make_module, encoder_config):
-    """A tiny encoder of each kind (parametrised), with two numeric features."""
-    return make_module(encoder_config, n_numeric=N_NUMERIC).encoder
+    """A tiny encoder of each kind (parametrised), with two numeric and two categorical
+    features."""
+    return make_module(encoder_config, **FEATURES).encoder
 
 
 def _scramble_after(batch: dict, position: int, seed: int) -> dict:
@@ -36,7 +41,7 @@ def _scramble_after(batch: dict, position: int, seed: int) -> dict:
         value = batch[key].clone()
         tail = value[:, position + 1 :]
         if value.dtype == torch.int64:
-            high = 6 if key == "day_of_week" else 5
+            high = {"day_of_week": 6, "categorical": min(CATEGORICAL_SIZES) - 1}.get(key, 5)
             tail.copy_(torch.randint(0, high, tail.shape, generator=generator) + 1)
         else:
             tail.copy_(torch.rand(tail.shape, generator=generator) * 50.0)
@@ -46,7 +51,7 @@ def _scramble_after(batch: dict, position: int, seed: int) -> dict:
 
 @torch.no_grad()
 def test_outputs_are_causal(encoder, make_batch):
-    batch = make_batch([8, 8, 8], n_numeric=N_NUMERIC, seed=1)
+    batch = make_batch([8, 8, 8], **FEATURES, seed=1)
     hidden = encoder(batch)
     for position in (0, 3, 6):
         changed = encoder(_scramble_after(batch, position, seed=position))
@@ -59,11 +64,11 @@ def test_outputs_are_causal(encoder, make_batch):
 @torch.no_grad()
 def test_padding_does_not_change_real_positions(encoder, make_batch):
     lengths = [5, 2, 7]
-    short = make_batch(lengths, max_len=7, n_numeric=N_NUMERIC, seed=2)
-    long = make_batch(lengths, max_len=12, n_numeric=N_NUMERIC, seed=2)
+    short = make_batch(lengths, max_len=7, **FEATURES, seed=2)
+    long = make_batch(lengths, max_len=12, **FEATURES, seed=2)
     for b, n in enumerate(lengths):  # junk in the padding of the longer batch
         for key in SEQUENCE_KEYS:
-            long[key][b, n:] = 3
+            long[key][b, n:] = 2 if key == "categorical" else 3
     hidden_short, hidden_long = encoder(short), encoder(long)
     for b, n in enumerate(lengths):
         torch.testing.assert_close(hidden_long[b, :n], hidden_short[b, :n], atol=1e-6, rtol=0)
@@ -77,7 +82,7 @@ def _event_at(batch: dict, position: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def test_prefix_state_then_steps_match_full_pass(encoder, make_batch):
-    batch = make_batch([7, 3, 5, 1, 6], n_numeric=N_NUMERIC, seed=3)
+    batch = make_batch([7, 3, 5, 1, 6], **FEATURES, seed=3)
     full = encoder(batch)
     full_length = batch["length"]
     prefix_length = torch.tensor([4, 1, 2, 1, 6])
@@ -97,7 +102,7 @@ def test_prefix_state_then_steps_match_full_pass(encoder, make_batch):
 
 @torch.no_grad()
 def test_expand_state_repeats_each_customer(encoder, make_batch):
-    batch = make_batch([4, 2], n_numeric=N_NUMERIC, seed=4)
+    batch = make_batch([4, 2], **FEATURES, seed=4)
     state = encoder.prefix_state(batch)
     expanded = encoder.expand_state(state, 3)
     event = _event_at(batch, torch.tensor([1, 1]))
@@ -118,6 +123,34 @@ def test_raw_amounts_are_standardised_with_stored_statistics(make_module, make_b
     amount = batch["amount"][0, :3]
     torch.testing.assert_close(values[:, 0], (torch.log1p(amount) - 3.0) / 1.2)
     torch.testing.assert_close(values[:, 2], (batch["numeric"][0, :3, 0] - 0.5) / 2.0)
+
+
+@torch.no_grad()
+def test_a_categorical_value_changes_the_output_from_its_event_on(encoder, make_batch):
+    """Only one event's value of the second categorical feature changes: the hidden states
+    before it stay, those at and after it move; the full pass and stepping agree."""
+    batch = make_batch([6, 6], **FEATURES, seed=6)
+    batch["categorical"][:, :, 1] = 2
+    changed = {**batch, "categorical": batch["categorical"].clone()}
+    changed["categorical"][:, 3, 1] = 1  # a known value -> the unknown one, at event 3
+    hidden, moved = encoder(batch), encoder(changed)
+    torch.testing.assert_close(moved[:, :3], hidden[:, :3], atol=1e-6, rtol=0)
+    assert (moved[:, 3:] - hidden[:, 3:]).abs().amax(dim=-1).min() > 1e-3
+    state = encoder.prefix_state({**changed, "length": torch.tensor([3, 3])})
+    stepped, _ = encoder.step(_event_at(changed, torch.tensor([3, 3])), state)
+    torch.testing.assert_close(stepped, moved[:, 3], atol=1e-5, rtol=0)
+
+
+def test_categorical_embeddings_follow_the_sizes(make_module):
+    module = make_module({"name": "lstm", "hidden_size": 8}, categorical_sizes=[5, 2])
+    embeddings = module.encoder.embedding.categorical_embeddings
+    assert [(e.num_embeddings, e.padding_idx) for e in embeddings] == [(5, 0), (2, 0)]
+    assert module.contract_sizes()["categorical_sizes"] == [5, 2]
+    plain = make_module({"name": "lstm", "hidden_size": 8})
+    assert not any("categorical" in key for key in plain.state_dict())
+    assert plain.contract_sizes()["categorical_features"] == 0
+    with pytest.raises(ValueError, match=r"categorical_sizes \[5, 1\].*>= 2"):
+        make_module({"name": "lstm", "hidden_size": 8}, categorical_sizes=[5, 1])
 
 
 def test_missing_scaling_statistics_are_named():
