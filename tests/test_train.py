@@ -1,9 +1,12 @@
 """train.py end to end through Hydra's compose API (and as a process for sweeps and DDP)."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -11,13 +14,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from fintwin.errors import FintwinInputError
 from fintwin.models.checkpoint import load_twin
 from fintwin.training import build, register_resolvers, run
 
 ROOT = Path(__file__).resolve().parents[1]
+MISSING_KEY = object()
 TINY = [
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
@@ -118,6 +122,31 @@ def test_bad_config_values_name_the_key(tmp_path, events_csv, override, key):
     cfg = compose_cfg(tmp_path, tiny_overrides(events_csv, "lstm") + [override])
     with pytest.raises(FintwinInputError, match=key.replace(".", r"\.")):
         run(cfg)
+
+
+def _data_keys_named_in_strings(package: Path) -> dict[str, str]:
+    """``data.*`` config keys that string literals (messages, docstrings) of ``package`` name."""
+    named = {}
+    for path in sorted(package.rglob("*.py")):
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.STRING:
+                for key in re.findall(r"(?<![\w./])data\.[a-z_]+(?:\.[a-z_]+)*", token.string):
+                    named.setdefault(key, str(path.relative_to(ROOT)))
+    return named
+
+
+def test_config_keys_named_by_messages_exist(tmp_path):
+    """Every ``data.*`` key the package names (``data.schema.allow_negative_amount`` in the
+    refusal of a negative amount, ...) is a key of the data configs."""
+    configs = [compose_cfg(tmp_path, [f"data={name}"]) for name in ("cdnow", "csv", "synthetic")]
+    named = _data_keys_named_in_strings(ROOT / "fintwin")
+    assert {"data.schema.allow_negative_amount", "data.split", "data.max_len"} <= set(named)
+    missing = {
+        key: where for key, where in named.items()
+        if not any(OmegaConf.select(cfg, key, default=MISSING_KEY) is not MISSING_KEY
+                   for cfg in configs)
+    }  # fmt: skip
+    assert missing == {}
 
 
 def test_unknown_model_name_fails_at_compose(tmp_path):

@@ -230,6 +230,16 @@ class FeaturiserSpec:
         """Vocabulary size of each categorical feature (padding and OOV included)."""
         return tuple(vocab.size for vocab in self.categorical_vocabs)
 
+    def input_sizes(self) -> dict[str, int | list[int]]:
+        """The sizes of the model inputs it featurises (``fintwin.data.contract``'s
+        ``vocab_size``, ``numeric_features``, ``categorical_features``, ``categorical_sizes``)."""
+        return {
+            "vocab_size": self.vocab.size,
+            "numeric_features": self.n_numeric,
+            "categorical_features": len(self.categorical_features),
+            "categorical_sizes": list(self.categorical_sizes),
+        }
+
     def schema(self) -> EventSchema:
         """The schema raw events are validated with."""
         return EventSchema(

@@ -332,7 +332,7 @@ class TwinClient:
         metadata = self.transport.metadata
         self.spec = stored_spec(metadata, f"model {model!r}")
         self.quantiles = list(metadata["quantiles"])
-        self.inputs = model_inputs({"numeric_features": self.spec.n_numeric})
+        self.inputs = model_inputs(self.spec.input_sizes())
         self.batch_size, self.top_k = batch_size, top_k
 
     def featurise(self, events: pd.DataFrame | str | Path, as_of: str | pd.Timestamp | None = None):
