@@ -157,6 +157,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         scaling=datamodule.model_scaling,
         horizon_days=datamodule.spec.horizon_days,
         n_numeric=datamodule.spec.n_numeric,
+        categorical_sizes=list(datamodule.spec.categorical_sizes),
     )
     trainer = instantiate(
         cfg.trainer,

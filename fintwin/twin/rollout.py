@@ -28,8 +28,11 @@ Outcomes are counted over the events the model generates: ``count`` (events), ``
 of ``fintwin.twin.evaluation``). Injected events (``ForcedEvents``) shape the paths but are
 not outcomes.
 
-Numeric extra features are not modelled: each generated event carries the customer's mean
-numeric values over their (kept) history.
+Numeric and categorical extra features are inputs the model does not generate. Each
+generated event carries the customer's mean numeric values over their (kept) history, and
+holds the categorical values of the path's latest event: the customer's last calibration
+event's, until an injected event sets others (an injected value of ``PAD_ID`` keeps the held
+one), which later generated events then carry.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from fintwin.data.contract import random_inputs, sequence_inputs
 from fintwin.data.features import NS_PER_DAY, PAD_ID, Vocab
 from fintwin.data.sequences import SequenceSet, observation_end
 from fintwin.errors import FintwinInputError
+from fintwin.models.encoders import gather_last
 from fintwin.models.heads import MIN_GAP_DAYS, AmountDistribution, GapDistribution
 from fintwin.models.module import TwinModule
 
@@ -107,23 +111,32 @@ class ForcedEvents:
     """Injected events inside the window, per customer of a ``SequenceSet``.
 
     Padded arrays over ``[N customers, K]``: ``time`` in days after the start (``inf`` where a
-    customer has fewer events), ``event_type`` ids, raw ``amount`` and ``numeric`` ``[N, K, F]``
-    (NaN: use the customer's mean, like generated events). Rows are in time order.
+    customer has fewer events), ``event_type`` ids, raw ``amount``, ``numeric`` ``[N, K, F]``
+    (NaN: use the customer's mean, like generated events) and ``categorical`` ids
+    ``[N, K, C]`` (``PAD_ID``: keep the held value, like generated events). Rows are in time
+    order.
     """
 
     time: np.ndarray
     event_type: np.ndarray
     amount: np.ndarray
     numeric: np.ndarray
+    categorical: np.ndarray
 
     @classmethod
-    def none(cls, n_customers: int, n_numeric: int) -> ForcedEvents:
+    def none(cls, n_customers: int, n_numeric: int, n_categorical: int = 0) -> ForcedEvents:
         """No injected events."""
+        return cls.empty(n_customers, 0, n_numeric, n_categorical)
+
+    @classmethod
+    def empty(cls, n_customers: int, width: int, n_numeric: int, n_categorical: int) -> ForcedEvents:
+        """``width`` slots per customer, all unused (time ``inf``; values to fill in)."""
         return cls(
-            time=np.full((n_customers, 0), np.inf),
-            event_type=np.zeros((n_customers, 0), np.int64),
-            amount=np.zeros((n_customers, 0), np.float32),
-            numeric=np.zeros((n_customers, 0, n_numeric), np.float32),
+            time=np.full((n_customers, width), np.inf),
+            event_type=np.zeros((n_customers, width), np.int64),
+            amount=np.zeros((n_customers, width), np.float32),
+            numeric=np.full((n_customers, width, n_numeric), np.nan, np.float32),
+            categorical=np.full((n_customers, width, n_categorical), PAD_ID, np.int64),
         )
 
     def chunk(self, index: np.ndarray, device: torch.device) -> dict[str, Tensor]:
@@ -133,6 +146,7 @@ class ForcedEvents:
             "event_type": (self.event_type, PAD_ID),
             "amount": (self.amount, 0.0),
             "numeric": (self.numeric, np.nan),
+            "categorical": (self.categorical, PAD_ID),
         }
         out = {}
         for name, (values, fill) in arrays.items():
@@ -294,6 +308,7 @@ def step_inputs(
     time: Tensor,
     previous_time: Tensor,
     numeric: Tensor | None,
+    categorical: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Encoder inputs of one new event per row, as the featuriser would build them: the
     contract's sequence inputs (CONTRACT.md) at one position, in their dtypes."""
@@ -303,11 +318,13 @@ def step_inputs(
         "delta_t": time - previous_time,
         **calendar.features(time),
         "numeric": numeric,
+        "categorical": categorical,
     }
-    n_numeric = 0 if numeric is None else numeric.shape[-1]
+    sizes = {"numeric_features": 0 if numeric is None else numeric.shape[-1],
+             "categorical_features": 0 if categorical is None else categorical.shape[-1]}
     return {
         spec.name: values[spec.name].to(getattr(torch, spec.dtype))
-        for spec in sequence_inputs({"numeric_features": n_numeric})
+        for spec in sequence_inputs(sizes)
     }
 
 
@@ -319,6 +336,13 @@ def mean_numeric(batch: Mapping[str, Tensor]) -> Tensor | None:
     valid = torch.arange(batch["numeric"].shape[1], device=length.device)[None, :] < length[:, None]
     total = (batch["numeric"] * valid[..., None]).sum(dim=1)
     return total / length[:, None].clamp(min=1)
+
+
+def last_categorical(batch: Mapping[str, Tensor]) -> Tensor | None:
+    """``[B, C]`` categorical ids of each row's last real event (None without any)."""
+    if "categorical" not in batch:
+        return None
+    return gather_last(batch["categorical"], batch["length"])
 
 
 # --------------------------------------------------------------------------- chunks
@@ -384,6 +408,8 @@ class ChunkSimulator:
         self.n_paths = n * samples
         self.prefix = model.encoder.prefix_state(batch)
         self.fill = mean_numeric(batch)
+        held = last_categorical(batch)  # per working row: the latest event's values
+        self.held = None if held is None else held.repeat_interleave(samples, dim=0)
         self.elapsed = elapsed
         self.path = torch.arange(self.n_paths, device=self.device)
         self.customer = self.path // samples
@@ -454,6 +480,15 @@ class ChunkSimulator:
         forced = torch.where(torch.isnan(forced), fill, forced)
         return torch.where(injected[:, None], forced, fill)
 
+    def _categorical(self, injected: Tensor) -> Tensor | None:
+        """Categorical ids of this step's events: the held ones, or an injected event's."""
+        if self.held is None:
+            return None
+        index = self.forced_next[:, None, None].expand(-1, 1, self.held.shape[1])
+        forced = self.forced["categorical"][self.customer].gather(1, index)[:, 0]
+        forced = torch.where(forced == PAD_ID, self.held, forced)
+        return torch.where(injected[:, None], forced, self.held)
+
     def _record(self, event: dict[str, Tensor], generated: Tensor, live: Tensor) -> None:
         """Add the generated events inside the window to the path outcomes."""
         rows = live & generated
@@ -483,6 +518,8 @@ class ChunkSimulator:
         keep = torch.nonzero(live)[:, 0]
         numeric = self._numeric(injected)
         numeric = None if numeric is None else numeric[keep]
+        categorical = self._categorical(injected)
+        self.held = None if categorical is None else categorical[keep]
         event = {key: value[keep] for key, value in event.items()}
         previous = self.time[keep]
         self.path, self.customer, self.time = self.path[keep], self.customer[keep], event["time"]
@@ -494,7 +531,8 @@ class ChunkSimulator:
         else:
             state = self.state
         inputs = step_inputs(
-            self.calendar, event["event_type"], event["amount"], event["time"], previous, numeric
+            self.calendar, event["event_type"], event["amount"], event["time"], previous, numeric,
+            self.held,
         )
         _, self.state = self.model.encoder.step(inputs, state)
         self.encoder_steps += len(keep)
@@ -580,7 +618,8 @@ def iter_chunks(
     n_days = (end - start).days
     calendar = Calendar(start, n_days, device, config.dates_only)
     elapsed = torch.as_tensor(sequences.days_since_last_event(start), device=device)
-    forced = forced or ForcedEvents.none(len(sequences), model.hparams.n_numeric)
+    n_categorical = model.contract_sizes()["categorical_features"]
+    forced = forced or ForcedEvents.none(len(sequences), model.hparams.n_numeric, n_categorical)
     size = config.chunk_customers or chunk_customers(
         model, config.samples, int(sequences.lengths.max(initial=1)), config.memory_mb
     )

@@ -3,7 +3,9 @@
 A what-if file (CSV or Parquet) has one row per hypothetical event: ``customer_id`` (or
 ``*`` for every customer), ``timestamp``, ``event_type`` (a type the model knows) and
 ``amount`` (>= 0); columns named like the model's numeric features are optional (missing or
-empty values take the customer's mean). An event must come strictly after the customer's
+empty values take the customer's mean), and so are columns named like its categorical
+features (missing or empty values keep the value the customer's previous event had; a value
+unknown to the feature's vocabulary is the unknown id, as in training). An event must come strictly after the customer's
 last calibration event and on or before the horizon-end day. The file is read as event files
 are (``fintwin.data.sources``, ``fintwin.data.schema``): separators, decimal marks, date forms
 and column names alike, with errors naming the file's lines.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fintwin.data.features import FeaturiserSpec
+from fintwin.data.features import PAD_ID, FeaturiserSpec
 from fintwin.data.schema import (
     LINE,
     REQUIRED_COLUMNS,
@@ -80,12 +82,26 @@ def _read_table(path: Path, spec: FeaturiserSpec) -> pd.DataFrame:
     if not path.is_file():
         raise FintwinInputError(f"{path}: what-if file not found")
     if path.suffix == ".parquet":
-        return read_parquet(path, [*REQUIRED_COLUMNS, *spec.numeric_features])
+        return read_parquet(path, [*REQUIRED_COLUMNS, *_feature_columns(spec)])
     if path.suffix == ".csv":
-        present = match_columns(sniff_csv(path).header, spec.numeric_features, str(path))
-        return read_csv(path, EventSchema(numeric_features=list(present.values())))
+        present = match_columns(sniff_csv(path).header, _feature_columns(spec), str(path))
+        return read_csv(path, _schema_of(present.values(), spec))
     raise FintwinInputError(
         f"{path}: unsupported what-if file type '{path.suffix}'; use .csv or .parquet"
+    )
+
+
+def _feature_columns(spec: FeaturiserSpec) -> list[str]:
+    """The optional what-if columns: the model's numeric and categorical features."""
+    return [*spec.numeric_features, *spec.categorical_features]
+
+
+def _schema_of(present: Iterable[str], spec: FeaturiserSpec) -> EventSchema:
+    """The schema of a what-if table holding the feature columns ``present``."""
+    present = set(present)
+    return EventSchema(
+        numeric_features=[name for name in spec.numeric_features if name in present],
+        categorical_features=[name for name in spec.categorical_features if name in present],
     )
 
 
@@ -156,11 +172,11 @@ def check_what_if(frame: pd.DataFrame, spec: FeaturiserSpec, source: str = "what
     parsed as in event tables (``fintwin.data.schema``). Returns columns ``row`` (where the
     event is in the input: its file line when the index is named ``line``, as ``read_csv``
     names it, else its 0-based row; also the index), ``customer_id`` (str, may be ``*``),
-    ``timestamp`` (naive UTC), ``event_type``, ``amount`` and the numeric features (NaN where
-    missing).
+    ``timestamp`` (naive UTC), ``event_type``, ``amount``, the numeric features (NaN where
+    missing) and the categorical features (text, NA where missing).
     """
-    present = match_columns(list(frame.columns), spec.numeric_features, source)
-    schema = EventSchema(numeric_features=list(present.values()))
+    present = match_columns(list(frame.columns), _feature_columns(spec), source)
+    schema = _schema_of(present.values(), spec)
     positions = check_columns(list(frame.columns), schema, source)
     frame = frame.iloc[:, list(positions)].set_axis(list(positions.values()), axis=1)
     if frame.index.name != LINE:
@@ -179,6 +195,9 @@ def check_what_if(frame: pd.DataFrame, spec: FeaturiserSpec, source: str = "what
     )
     for name in spec.numeric_features:
         out[name] = _numeric_feature(frame[name], name, source) if name in frame else np.nan
+    for name in spec.categorical_features:
+        values = frame[name].astype("string").str.strip() if name in frame else pd.NA
+        out[name] = pd.Series(values, index=out.index, dtype="string").replace("", pd.NA)
     return out
 
 
@@ -242,39 +261,42 @@ def inject_history(
 ) -> pd.DataFrame:
     """``events`` with the injected ``rows`` added, sorted by customer then time.
 
-    Missing numeric values take the customer's mean over their calibration events.
+    Missing numeric values take the customer's mean over their calibration events; missing
+    categorical values the customer's previous event's.
     """
-    numeric = list(spec.numeric_features)
-    added = rows[["customer_id", "timestamp", "event_type", "amount", *numeric]].copy()
+    numeric, categorical = list(spec.numeric_features), list(spec.categorical_features)
+    added = rows[["customer_id", "timestamp", "event_type", "amount", *numeric, *categorical]].copy()
     if numeric:
         means = calibration_events(events, cutoff).groupby("customer_id")[numeric].mean()
         fill = means.reindex(added["customer_id"]).set_axis(added.index)
         added[numeric] = added[numeric].fillna(fill)
     merged = pd.concat([events, added], ignore_index=True)
-    return merged.sort_values(["customer_id", "timestamp"], kind="stable", ignore_index=True)
+    merged = merged.sort_values(["customer_id", "timestamp"], kind="stable", ignore_index=True)
+    if categorical:
+        merged[categorical] = merged.groupby("customer_id")[categorical].ffill().astype(str)
+    return merged
 
 
 def forced_events(
     rows: pd.DataFrame, n_customers: int, start: pd.Timestamp, spec: FeaturiserSpec
 ) -> ForcedEvents:
-    """Injected events at or after ``start`` as padded per-customer arrays."""
-    n_numeric = len(spec.numeric_features)
+    """Injected events at or after ``start`` as padded per-customer arrays (a missing
+    categorical value is ``PAD_ID``: the path keeps its held value)."""
+    n_numeric, n_categorical = len(spec.numeric_features), len(spec.categorical_features)
     if rows.empty:
-        return ForcedEvents.none(n_customers, n_numeric)
+        return ForcedEvents.none(n_customers, n_numeric, n_categorical)
     slot = rows.groupby("customer").cumcount().to_numpy()
     customer = rows["customer"].to_numpy()
-    width = int(slot.max()) + 1
-    forced = ForcedEvents(
-        time=np.full((n_customers, width), np.inf),
-        event_type=np.zeros((n_customers, width), np.int64),
-        amount=np.zeros((n_customers, width), np.float32),
-        numeric=np.full((n_customers, width, n_numeric), np.nan, np.float32),
-    )
+    forced = ForcedEvents.empty(n_customers, int(slot.max()) + 1, n_numeric, n_categorical)
     forced.time[customer, slot] = (rows["timestamp"] - start) / pd.Timedelta(days=1)
     forced.event_type[customer, slot] = spec.vocab.encode(rows["event_type"].to_numpy())
     forced.amount[customer, slot] = rows["amount"].to_numpy(np.float32)
     if n_numeric:
         forced.numeric[customer, slot] = rows[list(spec.numeric_features)].to_numpy(np.float32)
+    for field, (name, vocab) in enumerate(spec.categorical):
+        values = rows[name]
+        ids = vocab.encode(values.fillna("").to_numpy(dtype=object))
+        forced.categorical[customer, slot, field] = np.where(values.isna(), PAD_ID, ids)
     return forced
 
 
