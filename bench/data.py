@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fintwin.data.features import FeaturiserSpec, Vocab
+from fintwin.data.sequences import build_sequences
 from fintwin.data.simulator import SimulatorConfig, simulate
 
 EVENTS_PER_CUSTOMER = 52  # the default simulated world's average
@@ -31,7 +32,7 @@ def measure(n_events: int) -> dict[str, float]:
     spec = FeaturiserSpec(Vocab.fit(events["event_type"]), max_len=256, horizon_days=30)
 
     def build():
-        return spec.sequences(events, "2023-09-30")
+        return build_sequences(events, spec, cutoff="2023-09-30")
 
     started = time.perf_counter()
     sequences = build()
