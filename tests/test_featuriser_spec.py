@@ -135,7 +135,10 @@ def test_an_old_format_export_is_refused_with_how_to_export_again(
     assert _predict(repo, refunds_csv, out) == 2
 
     err = capsys.readouterr().err
-    assert "model 'twin': featuriser settings written before fintwin's FeaturiserSpec lack " \
-           "['allow_negative_amount', 'drop_duplicates']" in err
-    assert "export the model again from its checkpoint (fintwin export --ckpt CKPT --repo DIR)" in err
+    assert err == (
+        "fintwin: error: model 'twin': featuriser settings written before fintwin's "
+        "FeaturiserSpec lack ['allow_negative_amount', 'drop_duplicates'], so events cannot be "
+        "read as in training; export the model again from its checkpoint (fintwin export "
+        "--ckpt CKPT --repo DIR), or train it again\n"
+    )
     assert not out.exists()

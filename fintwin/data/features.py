@@ -96,7 +96,6 @@ def calendar_features(ns: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-
 def read_events(
     source: str | pd.DataFrame,
     schema: EventSchema,
@@ -113,6 +112,12 @@ def read_events(
         source, schema, same_day_merge=same_day_merge, simulator_config=simulator_config
     )
     return events
+
+
+REEXPORT_HINT = (
+    "export the model again from its checkpoint (fintwin export --ckpt CKPT --repo DIR), or "
+    "train it again"
+)
 
 
 def _stats(x: np.ndarray) -> tuple[float, float]:
@@ -156,10 +161,18 @@ class Scaling:
         }
 
     @classmethod
-    def from_dict(cls, mapping: Mapping[str, object]) -> Scaling:
-        """Inverse of ``to_dict``; keys that are no statistic of this class are ignored."""
+    def from_dict(cls, mapping: Mapping[str, object], source: str = "scaling") -> Scaling:
+        """Inverse of ``to_dict``; keys that are no statistic of this class (the model's
+        training statistics) are ignored, missing ones refused naming ``source``."""
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in mapping]
+        if missing:
+            raise FintwinInputError(
+                f"{source}: scaling statistics lack {missing}; " + REEXPORT_HINT
+            )
         values = {}
-        for field in dataclasses.fields(cls):
+        for field in fields:
             if field.name in mapping:
                 value = mapping[field.name]
                 values[field.name] = (
@@ -175,12 +188,6 @@ LEGACY_KEYS = (  # the flat data settings stored before FeaturiserSpec, converte
     "vocab", "scaling", "max_len", "horizon_days", "same_day_merge", "numeric_features",
     "allow_negative_amount", "drop_duplicates",
 )
-REEXPORT_HINT = (
-    "export the model again from its checkpoint (fintwin export --ckpt CKPT --repo DIR), or "
-    "train it again"
-)
-
-
 @dataclass(frozen=True)
 class FeaturiserSpec:
     """Everything that turns raw events into model inputs, fitted on training data.
@@ -351,7 +358,7 @@ class FeaturiserSpec:
             vocab=Vocab.from_dict(data["vocab"]),
             max_len=int(data["max_len"]),
             horizon_days=float(data["horizon_days"]),
-            scaling=None if data["scaling"] is None else Scaling.from_dict(data["scaling"]),
+            scaling=None if data["scaling"] is None else Scaling.from_dict(data["scaling"], source),
             same_day_merge=bool(data["same_day_merge"]),
             numeric_features=tuple(data["numeric_features"]),
             categorical_features=names,
@@ -381,7 +388,7 @@ class FeaturiserSpec:
             vocab=Vocab.from_dict(data["vocab"]),
             max_len=int(data["max_len"]),
             horizon_days=float(data["horizon_days"]),
-            scaling=Scaling.from_dict(data["scaling"]),
+            scaling=Scaling.from_dict(data["scaling"], source),
             same_day_merge=bool(data["same_day_merge"]),
             numeric_features=tuple(data["numeric_features"]),
             allow_negative_amount=bool(data["allow_negative_amount"]),

@@ -96,6 +96,13 @@ def test_legacy_export_metadata_is_refused_with_how_to_export_again():
     )
 
 
+def test_legacy_settings_without_a_scaling_statistic_are_refused():
+    scaling = {k: v for k, v in LEGACY_CHECKPOINT["scaling"].items() if k != "gap_log_mean"}
+    with pytest.raises(FintwinInputError) as error:
+        FeaturiserSpec.from_dict(LEGACY_CHECKPOINT | {"scaling": scaling}, "old.ckpt")
+    assert str(error.value).startswith("old.ckpt: scaling statistics lack ['gap_log_mean']; ")
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
