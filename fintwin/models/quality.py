@@ -30,7 +30,7 @@ from fintwin.data.sequences import (
     fit_population_gaps,
     training_gaps,
 )
-from fintwin.data.simulator import SimulatorConfig
+from fintwin.data.simulator import CHANNEL_COLUMN, SimulatorConfig, simulate
 from fintwin.models.heads import at_positions
 from fintwin.models.module import TwinModule, observed_next_events
 
@@ -144,11 +144,20 @@ def _scored_nll(frame: pd.DataFrame, scored_per_customer: pd.Series) -> float:
     return float(-(events_ll.sum() + censored) / max(len(events_ll), 1))
 
 
+def _world_events(datamodule: EventDataModule, config: SimulatorConfig) -> pd.DataFrame:
+    """The events the oracle scores: the data module's, or, when the world's channel is not
+    declared to the model (so not read), the world simulated again with it."""
+    events = datamodule.events
+    if config.categorical_channel and CHANNEL_COLUMN not in events:
+        return simulate(config)
+    return events
+
+
 def oracle_comparison(model: TwinModule, datamodule: EventDataModule) -> dict[str, float]:
     """``test/model_nll``, ``test/oracle_nll``, ``test/marginal_nll`` and ``test/oracle_skill``."""
     config = datamodule.simulator or SimulatorConfig()
     end = datamodule.sequences.observation_end
-    calib = calibration_events(datamodule.events, datamodule.cutoff)
+    calib = calibration_events(_world_events(datamodule, config), datamodule.cutoff)
     ids = datamodule.sequences.customer_ids
     test_ids, train_ids = ids[datamodule.splits["test"]], ids[datamodule.splits["train"]]
     test_events = _customer_events(calib, test_ids)
