@@ -7,18 +7,25 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from fintwin.data.contract import CONTRACT_KEY, exported_contract, random_inputs
+from fintwin.data.features import FEATURISER_KEY, OOV_ID, FeaturiserSpec, Vocab
 from fintwin.export.graph import ExportableTwin
 from fintwin.export.onnx import check_parity
 from fintwin.export.triton_repo import write_model_version
-from fintwin.serving.client import InProcessRunner, InvalidRequestError
+from fintwin.serving.client import InProcessRunner, InvalidRequestError, TwinClient
 from fintwin.serving.python_model import MetadataError, OnnxModel
 from tests.models.conftest import TINY_ENCODERS, build_module
 
 CATEGORICAL_SIZES = [4, 3]
+SPEC = FeaturiserSpec(  # the featuriser of a twin with tests.models' sizes
+    vocab=Vocab(("card", "cash", "loan", "salary", "transfer")), horizon_days=30.0, max_len=64,
+    categorical_features=("channel", "country"),
+    categorical_vocabs=(Vocab(("atm", "online")), Vocab(("nl",))),
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,9 @@ def exported(tmp_path_factory) -> tuple[ExportableTwin, Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapper.to_onnx(directory / "model.onnx")
-    metadata = {"max_len": 64, CONTRACT_KEY: exported_contract(wrapper.sizes)}
+    assert list(SPEC.categorical_sizes) == CATEGORICAL_SIZES
+    metadata = {"max_len": 64, CONTRACT_KEY: exported_contract(wrapper.sizes),
+                FEATURISER_KEY: SPEC.to_dict(), "quantiles": [0.1, 0.5, 0.9]}
     write_model_version(directory / "repo", "twin", directory / "model.onnx", metadata)
     return wrapper, directory
 
@@ -64,6 +73,29 @@ def test_served_model_reads_categorical_within_per_feature_bounds(exported):
                        r"index: \[4, 3\]\)"):
         runner.infer(changed)
     runner.close()
+
+
+def test_client_sends_the_fields_encoded_with_the_specs_vocabularies(exported):
+    wrapper, directory = exported
+    events = pd.DataFrame({
+        "customer_id": ["a", "a", "b"],
+        "timestamp": ["2024-01-01", "2024-01-03", "2024-01-02"],
+        "event_type": ["card", "salary", "loan"],
+        "amount": [10.0, 2000.0, 300.0],
+        "channel": ["atm", "branch", "online"],  # branch: unknown to the vocabulary
+        "country": ["nl", "nl", "de"],
+    })
+    client = TwinClient(repo=directory / "repo", model="twin")
+    sent = []
+    infer = client.transport.infer
+    client.transport.infer = lambda inputs: sent.append(inputs) or infer(inputs)
+    rows = client.predict(events)
+    client.close()
+    assert sent[0]["categorical"][:, :2].tolist() == [[[2, 2], [OOV_ID, 2]], [[3, OOV_ID], [0, 0]]]
+    batch = {name: torch.from_numpy(sent[0][name]) for name in wrapper.input_names}
+    with torch.no_grad():
+        expected = wrapper.twin.predict_last(batch)["churn_prob"].numpy()
+    np.testing.assert_allclose(rows["churn_prob"].to_numpy(), expected, atol=1e-5)
 
 
 def test_contract_bounds_categorical_per_feature():
