@@ -11,7 +11,8 @@ together (``customer_ids``, ``delete_version``).
 ``apply`` writes a micro-batch of new states AND the consumer's position in its input stream
 (a named cursor) in one transaction: after a crash at any point either both are stored or
 neither, so resuming the stream after ``cursor(...)`` applies every event exactly once. Each
-update carries its sequence number, which must be the stored one plus one; the comparison runs
+update carries its sequence number, which must be the stored one plus one (a customer's first
+state may count any number of events: a state bootstrapped from a history); the comparison runs
 inside the transaction (optimistic concurrency), so of two writers that stepped from the same
 state only the first succeeds. An update that repeats an applied sequence number
 (``duplicate``), skips one (``sequence-gap``) or whose event is older than the customer's last
@@ -200,8 +201,8 @@ def encode_field(customer_id: str, spec: FieldSpec, array: object) -> bytes:
 class StateUpdate:
     """A customer's new state after one event.
 
-    ``seq`` is this event's sequence number for the customer: the stored one plus one (1 for a
-    customer without state). ``timestamp_ns``: the event's time, nanoseconds since the Unix
+    ``seq`` is this event's sequence number for the customer: the stored one plus one (for a
+    customer without state: 1, or the events a bootstrapped state holds). ``timestamp_ns``: the event's time, nanoseconds since the Unix
     epoch (UTC), as ``pandas.Timestamp.value``.
     """
 
@@ -293,7 +294,7 @@ def judge(update: EncodedUpdate, stored: Mark | None) -> RejectReason | None:
     stored_seq = stored.seq if stored else 0
     if update.seq <= stored_seq:
         return RejectReason.DUPLICATE
-    if update.seq > stored_seq + 1:
+    if stored is not None and update.seq > stored_seq + 1:
         return RejectReason.SEQUENCE_GAP
     if stored is not None and update.timestamp_ns < stored.timestamp_ns:
         return RejectReason.OUT_OF_ORDER
@@ -702,7 +703,7 @@ for i = 3, #KEYS do
   if old then old_seq, old_lo, old_hi = struct.unpack('<i8I4i4', old) end
   local reason = ''
   if seq <= old_seq then reason = 'duplicate'
-  elseif seq > old_seq + 1 then reason = 'sequence-gap'
+  elseif old and seq > old_seq + 1 then reason = 'sequence-gap'
   elseif old and (hi < old_hi or (hi == old_hi and lo < old_lo)) then reason = 'out-of-order'
   else redis.call('SET', KEYS[i], ARGV[i]) end
   verdicts[#verdicts + 1] = reason
