@@ -344,10 +344,9 @@ def contract_bounds(
                 "both must come from the same export"
             )
     bounds = {entry["name"]: Bounds.from_entry(entry) for entry in contract["inputs"]}
-    misfit = {
-        spec.name: bounds[spec.name].high for spec in inputs
-        if isinstance(bounds[spec.name].high, list) and (len(bounds[spec.name].high),) != spec.shape[-1:]
-    }
+    per_element = {spec.name: (bounds[spec.name].high, spec.shape[-1]) for spec in inputs
+                   if isinstance(bounds[spec.name].high, list)}
+    misfit = {name: high for name, (high, size) in per_element.items() if len(high) != size}
     if misfit:
         raise MetadataError(
             f"{source} bounds inputs by lists that do not have one bound per element of their "
