@@ -29,9 +29,9 @@ Generative story (all times in days, amounts in currency units):
    every event's channel ``~ theta``. The channel of the last event shifts the next event:
    ``channel_type_logits[channel]`` adds to the type logits, ``channel_gap_shift[channel]``
    to the gap's log-median and ``channel_amount_shift[channel]`` to the amount's. Channels
-   come from a random stream of their own, so the other columns are those of the world
-   without channels only when every channel effect is 0; with the flag off no channel is
-   drawn and the output is unchanged.
+   are drawn from a random stream of their own: with every channel effect 0 the other
+   columns are those of the world without channels. With the flag off (the default) no
+   channel is drawn and the world is unchanged.
 
 Events are scored under this process by the oracle in ``fintwin.data.oracle``, which
 uses the same factor functions (``next_type_logits``, ``next_gap_params``).
