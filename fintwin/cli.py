@@ -1,4 +1,4 @@
-"""`fintwin <command>`: data summary, export, serve, predict, simulate, report.
+"""`fintwin <command>`: data summary, export, serve, predict, simulate, report, live.
 
 Every command exits 0 on success, 2 on bad input (message on stderr, no traceback) and 1 on
 an internal error.
@@ -7,8 +7,11 @@ an internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -81,12 +84,18 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: 
 
 def _export(args: argparse.Namespace) -> int:
     from fintwin.export.onnx import export_to_repository
+    from fintwin.live.twins import live_model_name
 
-    version, report = export_to_repository(
-        args.ckpt, args.repo, args.name, args.device, max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us, instances=args.instances)
-    print(f"exported {args.repo / args.name}/{version}/model.onnx "
-          f"(ONNX parity: worst scaled difference {report.worst:.1e})")
+    exported = export_to_repository(
+        args.ckpt, args.repo, args.name, args.device, live=not args.no_live,
+        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        instances=args.instances)
+    print(f"exported {args.repo / args.name}/{exported.version}/model.onnx "
+          f"(ONNX parity: worst scaled difference {exported.report.worst:.1e})")
+    if exported.live_version is not None:
+        print(f"exported {args.repo / live_model_name(args.name)}/{exported.live_version}/"
+              "step.onnx, the live model (step graph parity: worst scaled difference "
+              f"{exported.step_report.worst:.1e})")
     return 0
 
 
@@ -102,6 +111,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-queue-delay-us", type=int, default=100)
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
+    parser.add_argument("--no-live", action="store_true",
+                        help="skip the live model NAME_live (raw events in, per-event state)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -236,8 +247,135 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
 
 
+def _live_store_url(args: argparse.Namespace) -> str:
+    from fintwin.live.triton_model import store_url
+
+    return store_url(args.store or "", args.repo)
+
+
+def _live_bootstrap(args: argparse.Namespace) -> int:
+    from fintwin.live.store import open_store
+    from fintwin.live.twins import live_model_name, open_live_twins
+
+    url = _live_store_url(args)
+    started = time.monotonic()
+    with open_store(url) as store:
+        twins = open_live_twins(args.repo, live_model_name(args.model), store, args.version,
+                                threads=0)
+        report = twins.bootstrap(args.events)
+    seconds = time.monotonic() - started
+    print(f"bootstrapped {report.customers:,} customers ({report.events:,} events) of "
+          f"{twins.model} version {twins.version} in {seconds:.1f} s"
+          + (f"; {report.kept:,} customers had a state already and were left as they were"
+             if report.kept else ""))
+    return 0
+
+
+def _live_get(args: argparse.Namespace) -> int:
+    from fintwin.live.store import open_store
+    from fintwin.live.twins import live_model_name, open_live_twins
+
+    with open_store(_live_store_url(args)) as store:
+        twins = open_live_twins(args.repo, live_model_name(args.model), store, args.version)
+        print(json.dumps(twins.summary(args.customer), indent=2))
+    return 0
+
+
+def _live_run(args: argparse.Namespace) -> int:
+    import socket
+
+    from fintwin.live.runner import LiveRunner, RedisStream, jsonl_events, jsonl_writer
+    from fintwin.live.twins import live_model_name
+
+    if (args.input is None) == (args.redis_stream is None):
+        raise FintwinInputError("give exactly one of --input FILE|- or --redis-stream KEY")
+    if args.redis_stream is not None and not (args.redis_url and args.group):
+        raise FintwinInputError("--redis-stream needs --redis-url URL and --group NAME")
+    if args.redis_out and args.redis_stream is None:
+        raise FintwinInputError("--redis-out needs --redis-stream (answers go where events come from)")
+    if args.input is not None:
+        consumer = args.consumer or ("stdin" if args.input == "-"
+                                     else f"jsonl:{Path(args.input).resolve()}")
+    else:
+        consumer = args.consumer or socket.gethostname()
+    runner = LiveRunner(args.url, args.protocol, live_model_name(args.model), consumer,
+                        args.batch)
+    with contextlib.ExitStack() as stack:
+        stack.callback(runner.close)
+        if args.input is not None:
+            lines = sys.stdin if args.input == "-" else stack.enter_context(
+                open(args.input, encoding="utf-8"))
+            events, acknowledge = jsonl_events(lines), lambda _: None
+        else:
+            stream = RedisStream(args.redis_url, args.redis_stream, args.group, consumer,
+                                 args.batch, exit_when_idle=args.exit_when_idle)
+            stack.callback(stream.close)
+            events, acknowledge = stream, stream.acknowledge
+        if args.redis_out:
+            emit = stream.writer(args.redis_out)
+        else:
+            out = sys.stdout if args.out == "-" else stack.enter_context(
+                open(args.out, "a", encoding="utf-8"))
+            emit = jsonl_writer(out)
+        stats = runner.run(events, emit, acknowledge)
+    if stats.invalid:
+        raise FintwinInputError(f"{stats.invalid:,} events were refused as invalid; each has an "
+                                "error line (position, error) among the answers")
+    return 0
+
+
+def _add_live(sub: argparse._SubParsersAction) -> None:
+    live = sub.add_parser("live", help="live twins: per-event state through the live model",
+                          description="Live twins: the live model NAME_live that `fintwin "
+                          "export` writes steps each customer's twin per raw event and keeps "
+                          "its state in a state store (SQLite or Redis).")
+    live_sub = live.add_subparsers(dest="live_command", required=True)
+    store_help = ("state store: sqlite:///PATH or redis://HOST:PORT/DB (default: "
+                  "$FINTWIN_STATE_STORE, else DIR-states.db next to the repository, as the "
+                  "live model)")
+
+    bootstrap = _command(live_sub, "bootstrap", "Compute the twin state of every customer of "
+                         "a history file (batched) and store it with the customer's event count; "
+                         "customers with a state are left as they are.",
+                         "fintwin live bootstrap --repo model_repository --model twin --events "
+                         "history.csv --store redis://127.0.0.1:6379/0", _live_bootstrap)
+    bootstrap.add_argument("--events", required=True, help="CSV / Parquet file or directory")
+
+    run = _command(live_sub, "run", "Feed raw events (JSON lines, or a Redis stream) through a "
+                   "served live model in micro-batches and emit each event's answer as a JSON "
+                   "line; a restarted run resumes after the position stored with the states.",
+                   "fintwin live run --url 127.0.0.1:8001 --model twin --input events.jsonl "
+                   "--out answers.jsonl", _live_run)
+    run.add_argument("--url", required=True, help="Triton endpoint host:port")
+    run.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    run.add_argument("--model", default="fintwin", help="model NAME (its live model NAME_live)")
+    run.add_argument("--input", help="JSON-lines file, or - for stdin")
+    run.add_argument("--batch", type=int, default=64, help="events per request")
+    run.add_argument("--out", default="-", help="answers as JSON lines, appended (- : stdout)")
+    run.add_argument("--consumer", help="name of this consumer's stored stream position "
+                     "(default: the input file's path; stdin; the host name for Redis)")
+    run.add_argument("--redis-stream", help="read events from this Redis stream (entries' "
+                     "fields are the event's)")
+    run.add_argument("--redis-url", help="Redis of --redis-stream, redis://HOST:PORT/DB")
+    run.add_argument("--group", help="consumer group of --redis-stream")
+    run.add_argument("--redis-out", help="add answers to this Redis stream instead of --out")
+    run.add_argument("--exit-when-idle", action="store_true",
+                     help="stop when --redis-stream has no new entry for 2 s")
+
+    get = _command(live_sub, "get", "Show a customer's twin: events applied, last event time "
+                   "and its predictions right after it.",
+                   "fintwin live get c042 --repo model_repository --model twin", _live_get)
+    get.add_argument("customer", help="customer id")
+    for parser in (bootstrap, get):
+        parser.add_argument("--repo", type=Path, required=True, help="exported model repository")
+        parser.add_argument("--model", default="fintwin",
+                            help="model NAME (its live model NAME_live)")
+        parser.add_argument("--version", type=int, help="live model version (default: latest)")
+        parser.add_argument("--store", help=store_help)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report]
+    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report, _add_live]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,25 +157,50 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
     }
 
 
-def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
-                         **triton_options) -> tuple[int, ParityReport]:
-    """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>``.
+@dataclass(frozen=True)
+class Exported:
+    """Versions written by ``export_to_repository`` and their parity reports (``live_version``
+    and ``step_report`` None without the live model)."""
 
-    A write that fails (full disk, read-only file system) raises FintwinInputError naming the
-    path and the cause; the repository is then left as it was.
+    version: int
+    report: ParityReport
+    live_version: int | None = None
+    step_report: ParityReport | None = None
+
+
+def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
+                         live: bool = True, **triton_options) -> Exported:
+    """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>`` and, with
+    ``live``, of its live model ``<repo>/<name>_live`` (the parity-checked step graph run by a
+    python-backend model, ``fintwin.live.repository``).
+
+    Both graphs are exported and checked before the repository is touched. A write that fails
+    (full disk, read-only file system) raises FintwinInputError naming the path and the cause;
+    the model it was writing is then left as it was.
     """
     from fintwin.export.triton_repo import MODEL_FILENAME, write_model_version
+    from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
 
     twin = load_twin(ckpt)
     with tempfile.TemporaryDirectory(prefix="fintwin-export-") as scratch:
         onnx_path = Path(scratch) / MODEL_FILENAME
         try:
             report = export_onnx(twin, onnx_path)
+            step_graph, step_report, step = (
+                export_step_graph(twin, Path(scratch)) if live else (None, None, None)
+            )
         except OSError as exc:
             raise FintwinInputError(
                 f"cannot write the ONNX export to {exc.filename or scratch}: {exc.strerror or exc}"
                 " (it is written there, in TMPDIR, before it is copied into the repository)"
             ) from exc
-        version = write_model_version(repo, name, onnx_path, export_metadata(twin, ckpt, report),
-                                      device=device, **triton_options)
-    return version, report
+        metadata = export_metadata(twin, ckpt, report)
+        version = write_model_version(repo, name, onnx_path, metadata, device=device,
+                                      **triton_options)
+        if not live:
+            return Exported(version, report)
+        batching = {k: v for k, v in triton_options.items()
+                    if k in ("max_batch_size", "max_queue_delay_us", "instances")}
+        live_version = write_live_model(repo, name, twin.spec, step_graph,
+                                        live_metadata(metadata, step), Path(scratch), **batching)
+    return Exported(version, report, live_version, step_report)

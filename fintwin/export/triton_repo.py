@@ -7,6 +7,9 @@ Layout written for a model ``name``::
     <repo>/<name>/<N>/model.onnx   the exported graph of version N
     <repo>/<name>/<N>/fintwin.json metadata of version N
 
+and, next to it, the live model ``<name>_live`` (python backend; ``fintwin.live.repository``)
+through ``write_version_files``.
+
 A new export adds version N+1 and never touches earlier versions. The version directory is
 staged under a hidden, non-numeric name inside ``<name>/`` (Triton only loads numeric version
 directories) and renamed into place as the last step, so a server polling the repository sees
@@ -27,7 +30,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,12 +113,27 @@ def write_model_version(
     metadata = _metadata_with_io_names(metadata, config)
     featuriser = {k: metadata[k] for k in FEATURISER_KEYS if k in metadata}
     config.parameters[FEATURISER_PARAMETER].string_value = json.dumps(featuriser, sort_keys=True)
+    return write_version_files(repo, name, {MODEL_FILENAME: Path(onnx_path)}, config, metadata)
+
+
+def write_version_files(
+    repo: Path,
+    name: str,
+    files: Mapping[str, Path],
+    config: mc.ModelConfig,
+    metadata: dict[str, Any],
+) -> int:
+    """Add a version of model ``name`` holding ``files`` (name in the version directory ->
+    source file), with ``config`` as the model's config and ``metadata`` in the version and
+    next to it; return the version. Used as is for models that are not one ONNX graph (the
+    live model). A full disk or read-only file system raises ModelRepositoryError and changes
+    nothing."""
     model_dir = Path(repo) / name
     created = _missing_directories(model_dir)
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
         _check_same_signature(model_dir, config)
-        return _commit_version(model_dir, Path(onnx_path), config, metadata)
+        return _commit_version(model_dir, files, config, metadata)
     except OSError as exc:
         raise ModelRepositoryError(
             f"cannot add a version of model {name!r} to {model_dir}: {exc.strerror or exc}"
@@ -283,7 +301,7 @@ def _check_same_signature(model_dir: Path, config: mc.ModelConfig) -> None:
 
 
 def _commit_version(
-    model_dir: Path, onnx_path: Path, config: mc.ModelConfig, metadata: dict[str, Any]
+    model_dir: Path, files: Mapping[str, Path], config: mc.ModelConfig, metadata: dict[str, Any]
 ) -> int:
     """Stage the version and the new shared files, then publish them (see _publish)."""
     token = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
@@ -294,7 +312,8 @@ def _commit_version(
     backups = {name: model_dir / f"{token}.old.{name}" for name in contents}
     try:
         staging.mkdir()
-        write_atomic(staging / MODEL_FILENAME, _chunks(onnx_path))
+        for file_name, source in files.items():
+            write_atomic(staging / file_name, _chunks(source))
         write_atomic(staging / METADATA_NAME, [metadata_bytes])
         for name, path in staged.items():
             write_atomic(path, [contents[name]])

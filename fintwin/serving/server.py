@@ -67,7 +67,8 @@ def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 
     """Derive a python-backend repository in ``dest`` from the exported ``repo``.
 
     Returns the model names. Every numeric version is linked; the config's version policy
-    decides which ones the server loads.
+    decides which ones the server loads. Models that are python-backend models already (the
+    live models, ``fintwin.live.repository``) are linked whole and served as exported.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -79,7 +80,12 @@ def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 
         versions = model_versions(model_dir)
         if not versions:
             raise ModelRepositoryError(f"model {model_dir} has no numeric version directory")
-        config = runtime_config(read_model_config(model_dir / CONFIG_NAME), intra_op_threads)
+        production = read_model_config(model_dir / CONFIG_NAME)
+        if production.backend == "python":  # the live model: served as it is exported
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
+            continue
+        config = runtime_config(production, intra_op_threads)
         (dest / model_dir.name).mkdir(parents=True)
         (dest / model_dir.name / CONFIG_NAME).write_text(format_model_config(config))
         for version in versions:
