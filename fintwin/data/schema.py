@@ -469,6 +469,27 @@ def _refuse_total_rows(df: pd.DataFrame, source: str) -> None:
                 "row per event: delete the total row", _offending(total, undated.index))
 
 
+def normalise_events(df: pd.DataFrame, schema: EventSchema, source: str = "events") -> pd.DataFrame:
+    """The contract's columns of ``df`` (named as ``schema`` names them) parsed and checked
+    value by value: customer_id str, timestamp datetime64[ns], event_type str, amount
+    float64, then the declared feature columns; rows keep their order and index. Raises
+    EventValidationError naming the column and rows. (``validate_events`` also matches column
+    names, refuses empty tables and total rows, counts duplicates and sorts.)"""
+    out = pd.DataFrame({
+        "customer_id": _customer_ids(df["customer_id"], source),
+        "timestamp": parse_timestamps(df["timestamp"], source, day_first=schema.day_first),
+        "event_type": _strings(df["event_type"], "event_type", source),
+        "amount": _finite(parse_numbers(df["amount"], "amount", source, schema.decimal), "amount",
+                          source, schema.allow_negative_amount),
+    })
+    for name in schema.numeric_features:
+        out[name] = _finite(parse_numbers(df[name], name, source, schema.decimal), name, source,
+                            allow_negative=True)
+    for name in schema.categorical_features:
+        out[name] = df[name].astype("string").fillna("<missing>").astype(str)
+    return out
+
+
 def validate_events(
     df: pd.DataFrame, schema: EventSchema | None = None, source: str = "events"
 ) -> tuple[pd.DataFrame, ValidationReport]:
@@ -484,18 +505,7 @@ def validate_events(
     if len(df) == 0:
         raise EventValidationError(source, None, "empty input: no event rows; expected at least one")
     _refuse_total_rows(df, source)
-    out = pd.DataFrame({
-        "customer_id": _customer_ids(df["customer_id"], source),
-        "timestamp": parse_timestamps(df["timestamp"], source, day_first=schema.day_first),
-        "event_type": _strings(df["event_type"], "event_type", source),
-        "amount": _finite(parse_numbers(df["amount"], "amount", source, schema.decimal), "amount",
-                          source, schema.allow_negative_amount),
-    })
-    for name in schema.numeric_features:
-        out[name] = _finite(parse_numbers(df[name], name, source, schema.decimal), name, source,
-                            allow_negative=True)
-    for name in schema.categorical_features:
-        out[name] = df[name].astype("string").fillna("<missing>").astype(str)
+    out = normalise_events(df, schema, source)
 
     duplicated = out.duplicated(keep="first").to_numpy()
     n_dup = int(duplicated.sum())

@@ -8,7 +8,8 @@ offset, converted to UTC, or without one: UTC) or epoch seconds as a decimal str
 (``1719836400.25``); numeric dates and spreadsheet serials, which event files may hold, are
 refused here because a single value cannot say which convention it follows.
 
-Each row is checked and normalised by the event contract's parsers (``fintwin.data.schema``)
+Each row is checked and normalised by the event contract's parsers
+(``fintwin.data.schema.normalise_events``, ``parse_timestamps``)
 and featurised by the model's ``FeaturiserSpec``: a bad row raises ``EventValidationError``
 naming the row and field; an unknown event type or categorical value gets the OOV id. Every
 check looks at one row at a time, so the rows of several requests are read together and each
@@ -17,10 +18,8 @@ is read as it would be alone.
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,10 +30,9 @@ from fintwin.data.schema import (
     ISO_DATE,
     ISO_OFFSET,
     EventValidationError,
+    normalise_events,
     parse_timestamps,
-    validate_events,
 )
-from fintwin.data.schema import log as schema_log
 
 TEXT, NUMBER = "text", "number"
 REQUIRED_FIELDS = (
@@ -134,43 +132,28 @@ def read_events(
         if f.name in columns
     }
     values["timestamp"] = live_timestamps(values["timestamp"], source, spec.day_first)
-    order = np.lexsort((values["timestamp"].to_numpy(), values["customer_id"].str.strip().to_numpy()))
-    table = pd.DataFrame({name: column.iloc[order] for name, column in values.items()})
-    schema = spec.schema()
-    schema.drop_duplicates = False  # every row is an event to answer
-    with _quiet(schema_log):  # counts of duplicate rows are for files: each row is an event
-        events, report = validate_events(
-            table.drop(columns=CURSOR_FIELD, errors="ignore"), schema, source
-        )
-    if not report.was_sorted:  # the order above is validate_events' own
-        raise RuntimeError("events were reordered by validation; the live rows would not match")
-    consumer, positions = _cursors(table.get(CURSOR_FIELD), rows, source)
+    events = normalise_events(pd.DataFrame(values), spec.schema(), source)
+    customer_ids = events["customer_id"].to_numpy(dtype=object)
+    timestamps = events["timestamp"].to_numpy("datetime64[ns]").view(np.int64)
+    order = np.lexsort((timestamps, customer_ids))  # by customer, then time; ties: row order
+    features = spec.event_features(events, starts=np.arange(rows))  # per event (delta_t: 0)
+    consumer, positions = _cursors(values.get(CURSOR_FIELD), rows, source)
     return EventBatch(
         rows=order.astype(np.int64),
-        customer_ids=events["customer_id"].to_numpy(dtype=object),
-        timestamps_ns=events["timestamp"].to_numpy("datetime64[ns]").view(np.int64),
-        features=spec.event_features(events),
+        customer_ids=customer_ids[order],
+        timestamps_ns=timestamps[order],
+        features={name: value[order] for name, value in features.items()},
         consumer=consumer,
-        positions=positions,
+        positions=positions[order],
     )
-
-
-@contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def live_timestamps(text: pd.Series, source: str, day_first: bool | None = None) -> pd.Series:
     """Timestamps of one event each: ISO-8601 (rows with and without an offset parsed
     apart, each as the event contract reads it) or epoch seconds; naive UTC datetimes."""
-    stripped = text.str.strip()
-    epoch = stripped.str.fullmatch(EPOCH_SECONDS.pattern).to_numpy(dtype=bool)
-    iso = stripped.str.match(ISO_DATE).to_numpy(dtype=bool) & ~epoch
+    stripped = [value.strip() for value in text]
+    epoch = np.array([EPOCH_SECONDS.fullmatch(value) is not None for value in stripped], bool)
+    iso = np.array([ISO_DATE.match(value) is not None for value in stripped], bool) & ~epoch
     bad = ~(epoch | iso)
     if bad.any():
         raise EventValidationError(
@@ -179,11 +162,13 @@ def live_timestamps(text: pd.Series, source: str, day_first: bool | None = None)
             text.index[bad][:5],
         )
     parsed = np.full(len(text), np.datetime64("NaT"), dtype="datetime64[ns]")
-    parsed[epoch] = [_epoch_ns(value) for value in stripped[epoch]]
-    aware = iso & stripped.str.slice(10).str.contains(ISO_OFFSET).to_numpy(dtype=bool)
+    parsed[epoch] = [_epoch_ns(value) for value, is_epoch in zip(stripped, epoch, strict=True)
+                     if is_epoch]
+    aware = iso & np.array([ISO_OFFSET.search(value[10:]) is not None for value in stripped], bool)
     for group in (aware, iso & ~aware):
         if group.any():
-            parsed[group] = parse_timestamps(stripped[group], source, day_first=day_first).to_numpy()
+            column = pd.Series(np.array(stripped, dtype=object)[group], index=text.index[group])
+            parsed[group] = parse_timestamps(column, source, day_first=day_first).to_numpy()
     return pd.Series(parsed, index=text.index)
 
 
