@@ -28,8 +28,8 @@ SEQUENCE_AXIS = "seq"
 SIZE_AXES = {
     "vocab_size": "event-type ids, padding (0) and unknown type (1) included",
     "quantiles": "levels of the time quantiles (fintwin.json `quantiles`)",
-    "numeric_features": "numeric feature columns (fintwin.json `numeric_features`)",
-    "categorical_features": "categorical feature columns (fintwin.json `categorical_features`)",
+    "numeric_features": "numeric feature columns (fintwin.json `featuriser.numeric_features`)",
+    "categorical_features": "categorical feature columns (fintwin.json `featuriser.categorical_features`)",
 }
 FIELD_SIZES = {  # list-valued model sizes: one per element of an axis of SIZE_AXES
     "categorical_sizes": ("categorical_features", "ids of each categorical feature, padding (0) "
@@ -102,10 +102,10 @@ MODEL_INPUTS = (
                "silence since the row's last event when asked (0: right after it)",
                low=0.0, example=("exponential", 60.0)),
     TensorSpec("numeric", "float32", (BATCH_AXIS, SEQUENCE_AXIS, "numeric_features"),
-               "raw numeric features, in fintwin.json `numeric_features` order",
+               "raw numeric features, in fintwin.json `featuriser.numeric_features` order",
                example=("normal", 0.0, 3.0)),
     TensorSpec("categorical", "int64", (BATCH_AXIS, SEQUENCE_AXIS, "categorical_features"),
-               "categorical feature ids, in fintwin.json `categorical_features` order (1: a value "
+               "categorical feature ids, in fintwin.json `featuriser.categorical_features` order (1: a value "
                "unknown to the feature's vocabulary)", low=OOV_ID, high="categorical_sizes"),
 )
 
