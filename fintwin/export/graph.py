@@ -108,7 +108,7 @@ def _check_graph(model: onnx.ModelProto, inputs: list[TensorSpec], sizes: dict[s
         ("inputs", model.graph.input, inputs),
         ("outputs", model.graph.output, MODEL_OUTPUTS),
     ):
-        got = [_graph_signature(value) for value in values]
+        got = [graph_signature(value) for value in values]
         expected = [
             (spec.name, spec.dtype,
              tuple(axis if axis in (BATCH_AXIS, SEQUENCE_AXIS) else sizes[axis] for axis in spec.axes))
@@ -121,7 +121,7 @@ def _check_graph(model: onnx.ModelProto, inputs: list[TensorSpec], sizes: dict[s
             )
 
 
-def _graph_signature(value: onnx.ValueInfoProto) -> tuple[str, str, tuple[int | str, ...]]:
+def graph_signature(value: onnx.ValueInfoProto) -> tuple[str, str, tuple[int | str, ...]]:
     """Name, numpy dtype name and shape (dynamic axes by name) of a graph input or output."""
     tensor = value.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name

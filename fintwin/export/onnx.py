@@ -68,7 +68,7 @@ def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 
 @contextmanager
-def _quiet(*loggers: str):
+def quiet_loggers(*loggers: str):
     """Silence the exporter's per-pass INFO chatter."""
     previous = [(name, logging.getLogger(name).level) for name in loggers]
     for name in loggers:
@@ -108,7 +108,7 @@ def export_onnx(twin: TrainedTwin, path: Path, tolerance: float = PARITY_TOLERAN
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         candidate = Path(scratch) / "model.onnx"
-        with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        with warnings.catch_warnings(), quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
             warnings.simplefilter("ignore")
             wrapper.to_onnx(candidate)
         report = check_parity(wrapper, candidate, seed=seed)

@@ -59,12 +59,13 @@ from fintwin.data.contract import (
     sequence_inputs,
 )
 from fintwin.data.sequences import SequenceSet
+from fintwin.export.graph import graph_signature
 from fintwin.export.onnx import (
     PARITY_TOLERANCE,
     ExportParityError,
     ParityReport,
-    _quiet,
     ort_session,
+    quiet_loggers,
 )
 from fintwin.files import atomic_path
 from fintwin.live.store import StateLayout
@@ -364,18 +365,12 @@ class StepModel(nn.Module):
             ("inputs", model.graph.input, expected_inputs),
             ("outputs", model.graph.output, expected_outputs),
         ):
-            got = [_value_signature(value) for value in values]
+            got = [graph_signature(value) for value in values]
             if got != expected:
                 raise RuntimeError(
                     f"step graph {kind} {got} differ from the expected {expected}; the batch "
                     "axis must stay dynamic"
                 )
-
-
-def _value_signature(value: onnx.ValueInfoProto) -> tuple[str, str, tuple[int | str, ...]]:
-    tensor = value.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-    return value.name, dtype, tuple(dim.dim_param or dim.dim_value for dim in tensor.shape.dim)
 
 
 def step_model(twin: TrainedTwin) -> StepModel:
@@ -409,7 +404,7 @@ def export_step_model(twin: TrainedTwin, path: str | Path, tolerance: float = PA
     than ``tolerance`` (scaled as ``ParityReport.max_scaled``)."""
     step = step_model(twin)
     with atomic_path(path) as candidate:
-        with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        with warnings.catch_warnings(), quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
             warnings.simplefilter("ignore")
             step.to_onnx(candidate)
         report = check_step_parity(step, candidate, seed=seed)
