@@ -70,21 +70,27 @@ class ExportableTwin(nn.Module):
         """
         self.eval()
         _clear_lstm_dispatch_cache()
-        program = torch.onnx.export(
-            self,
-            self.example_inputs(batch_size=3, seq_len=7),
-            dynamic_shapes=self.dynamic_shapes(),
-            input_names=self.input_names,
-            output_names=self.output_names,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+        program = export_program(self, self.example_inputs(batch_size=3, seq_len=7))
         model = program.model_proto
         _check_graph(model, self.inputs, self.sizes)
         if path is not None:
             program.save(os.fspath(path), external_data=False)
         return model
+
+
+def export_program(module: torch.nn.Module, example_inputs: tuple):
+    """``torch.onnx.export`` (dynamo) of a module that names its inputs, outputs and dynamic
+    shapes (``input_names``, ``output_names``, ``dynamic_shapes()``), as one file's program."""
+    return torch.onnx.export(
+        module,
+        example_inputs,
+        dynamic_shapes=module.dynamic_shapes(),
+        input_names=module.input_names,
+        output_names=module.output_names,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
 
 
 def _clear_lstm_dispatch_cache() -> None:

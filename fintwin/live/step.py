@@ -59,7 +59,7 @@ from fintwin.data.contract import (
     sequence_inputs,
 )
 from fintwin.data.sequences import SequenceSet
-from fintwin.export.graph import graph_signature
+from fintwin.export.graph import export_program, graph_signature
 from fintwin.export.onnx import (
     PARITY_TOLERANCE,
     ExportParityError,
@@ -325,15 +325,8 @@ class StepModel(nn.Module):
     def to_onnx(self, path: str | Path) -> onnx.ModelProto:
         """Export with ``torch.onnx.export(dynamo=True)`` to one file (no external data)."""
         self.eval()
-        program = torch.onnx.export(
-            self,
-            self.feeds_as_tensors(self.random_feeds(np.random.default_rng(0), EXPORT_BATCH)),
-            dynamic_shapes=self.dynamic_shapes(),
-            input_names=self.input_names,
-            output_names=self.output_names,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
+        program = export_program(
+            self, self.feeds_as_tensors(self.random_feeds(np.random.default_rng(0), EXPORT_BATCH))
         )
         model = program.model_proto
         self._check_graph(model)

@@ -16,6 +16,7 @@ exported model repository (``default_store_url``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -80,10 +81,8 @@ class LiveModel:
         """The requests read together, else each alone (errors go to ``results``)."""
         combined = self._concatenate(columns, sizes) if len(columns) > 1 else None
         if combined is not None:
-            try:
+            with contextlib.suppress(FintwinInputError):  # a bad row: read each request alone
                 return [(list(range(len(columns))), self._events(combined))]
-            except FintwinInputError:
-                pass
         groups = []
         for index, request in enumerate(columns):
             try:
