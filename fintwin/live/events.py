@@ -19,6 +19,7 @@ is read as it would be alone.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -167,9 +168,23 @@ def live_timestamps(text: pd.Series, source: str, day_first: bool | None = None)
     aware = iso & np.array([ISO_OFFSET.search(value[10:]) is not None for value in stripped], bool)
     for group in (aware, iso & ~aware):
         if group.any():
-            column = pd.Series(np.array(stripped, dtype=object)[group], index=text.index[group])
-            parsed[group] = parse_timestamps(column, source, day_first=day_first).to_numpy()
+            values = np.array(stripped, dtype=object)[group]
+            fast = None if group is aware else _plain_iso(values)
+            parsed[group] = fast if fast is not None else parse_timestamps(
+                pd.Series(values, index=text.index[group]), source, day_first=day_first
+            ).to_numpy()
     return pd.Series(parsed, index=text.index)
+
+
+def _plain_iso(values: np.ndarray) -> np.ndarray | None:
+    """Naive ISO-8601 timestamps parsed by numpy, a fast path for the common case (None when
+    numpy does not read them all: the contract's parser then does, with its messages)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return np.array(values.tolist(), dtype="datetime64[ns]")
+    except (ValueError, TypeError, OverflowError, Warning):
+        return None
 
 
 def _epoch_ns(text: str) -> np.datetime64:

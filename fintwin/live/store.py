@@ -135,30 +135,49 @@ class StateLayout:
 
     def encode(self, customer_id: str, arrays: Mapping[str, np.ndarray]) -> bytes:
         """The raw little-endian bytes of ``arrays``, checked against the layout."""
+        one_row = {name: value[None] if isinstance(value, np.ndarray) else value
+                   for name, value in arrays.items()}
+        return self.encode_rows([customer_id], one_row)[0]
+
+    def encode_rows(self, customer_ids: Sequence[str],
+                    arrays: Mapping[str, np.ndarray]) -> list[bytes]:
+        """The encoded states of several customers from stacked arrays (field -> array of
+        shape ``(len(customer_ids), *field shape)``), checked against the layout."""
         names = {spec.name for spec in self.fields}
         unexpected = sorted(set(arrays) - names)
         if unexpected:
             raise FintwinInputError(
-                f"state of customer {customer_id!r}: unexpected field {unexpected[0]!r}; "
+                f"state of customer {customer_ids[0]!r}: unexpected field {unexpected[0]!r}; "
                 f"the layout holds {self.describe()}"
             )
-        return b"".join(
-            encode_field(customer_id, spec, arrays.get(spec.name)) for spec in self.fields
+        rows = len(customer_ids)
+        block = np.concatenate(
+            [checked_rows(customer_ids, spec, arrays.get(spec.name)).reshape(rows, -1)
+             .view(np.uint8) for spec in self.fields],
+            axis=1,
         )
+        return [row.tobytes() for row in block]
 
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
         """The arrays of one encoded state (writable copies)."""
-        if len(blob) != self.nbytes:
+        return {name: value[0] for name, value in self.decode_rows([blob]).items()}
+
+    def decode_rows(self, blobs: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """The arrays of several encoded states, stacked (field -> array of shape
+        ``(len(blobs), *field shape)``, writable)."""
+        sizes = {len(blob) for blob in blobs} - {self.nbytes}
+        if sizes:
             raise StateStoreError(
-                f"a stored state holds {len(blob)} bytes, its layout {self.nbytes}: the store is "
-                "damaged or was written by another program"
+                f"a stored state holds {sizes.pop()} bytes, its layout {self.nbytes}: the store "
+                "is damaged or was written by another program"
             )
-        buffer = bytearray(blob)
+        block = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), self.nbytes)
         return {
-            spec.name: np.frombuffer(buffer, spec.dtype.newbyteorder("<"), spec.size, offset)
+            spec.name: block[:, start:stop].copy()
+            .view(spec.dtype.newbyteorder("<"))
             .astype(spec.dtype, copy=False)
-            .reshape(spec.shape)
-            for spec, offset in zip(self.fields, self.offsets, strict=False)
+            .reshape(len(blobs), *spec.shape)
+            for spec, start, stop in zip(self.fields, self.offsets, self.offsets[1:], strict=False)
         }
 
 
@@ -180,21 +199,28 @@ def field_spec(name: str, shape: Sequence[int], dtype: str | np.dtype) -> FieldS
     return FieldSpec(name, tuple(int(dim) for dim in dims), resolved)
 
 
-def encode_field(customer_id: str, spec: FieldSpec, array: object) -> bytes:
-    """One field's bytes; a missing field, another dtype or shape, or NaN/inf is refused."""
-    where = f"state of customer {customer_id!r}, field {spec.name!r}"
+def checked_rows(customer_ids: Sequence[str], spec: FieldSpec, array: object) -> np.ndarray:
+    """One field of several customers' states (rows in ``customer_ids`` order) as
+    little-endian values; a missing field, another dtype or shape, or NaN/inf is refused."""
+    where = f"state of customer {customer_ids[0]!r}, field {spec.name!r}"
     if array is None:
         raise FintwinInputError(f"{where}: missing; expected {spec.describe()}")
-    if not isinstance(array, np.ndarray) or array.dtype != spec.dtype or array.shape != spec.shape:
+    rows = (len(customer_ids), *spec.shape)
+    if not isinstance(array, np.ndarray) or array.dtype != spec.dtype or array.shape != rows:
         got = (
-            f"{array.dtype} array of shape {array.shape}"
+            f"{array.dtype} array of shape {array.shape[1:]}"
             if isinstance(array, np.ndarray)
             else type(array).__name__
         )
         raise FintwinInputError(f"{where}: expected {spec.describe()}, got {got}")
-    if spec.dtype.kind == "f" and not np.isfinite(array).all():
-        raise FintwinInputError(f"{where}: holds NaN or inf")
-    return np.ascontiguousarray(array, dtype=spec.dtype.newbyteorder("<")).tobytes()
+    if spec.dtype.kind == "f":
+        bad = ~np.isfinite(array.reshape(len(customer_ids), -1)).all(axis=1)
+        if bad.any():
+            first = customer_ids[int(np.argmax(bad))]
+            raise FintwinInputError(
+                f"state of customer {first!r}, field {spec.name!r}: holds NaN or inf"
+            )
+    return np.ascontiguousarray(array, dtype=spec.dtype.newbyteorder("<"))
 
 
 @dataclass(frozen=True)
@@ -210,6 +236,32 @@ class StateUpdate:
     seq: int
     timestamp_ns: int
     arrays: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StateBatch:
+    """New states of several customers as stacked arrays (``StateUpdate``s in columns):
+    row ``i`` is ``customer_ids[i]``'s state after its event ``seq[i]`` at
+    ``timestamp_ns[i]``; ``arrays``: field -> array of shape ``(rows, *field shape)``."""
+
+    customer_ids: Sequence[str]
+    seq: np.ndarray
+    timestamp_ns: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.customer_ids)
+
+
+@dataclass(frozen=True)
+class StateRows:
+    """States of several customers as stacked arrays (``StateStore.get_rows``): ``found``
+    tells which customers have one; the others' rows are zeros."""
+
+    found: np.ndarray  # bool
+    seq: np.ndarray  # int64
+    timestamp_ns: np.ndarray  # int64
+    arrays: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -362,6 +414,24 @@ def encode_update(layout: StateLayout, update: StateUpdate) -> EncodedUpdate:
     )
 
 
+def encode_batch(layout: StateLayout, batch: StateBatch) -> list[EncodedUpdate]:
+    """A batch's updates encoded at once (the checks of ``encode_update``, by column)."""
+    ids = [check_name("customer id", cid) for cid in batch.customer_ids]
+    seq = np.asarray(batch.seq)
+    timestamps = np.asarray(batch.timestamp_ns)
+    for what, values, low in (("sequence number", seq, 1), ("timestamp_ns", timestamps, INT64.min)):
+        bad = np.ones(len(ids), bool) if values.dtype.kind not in "iu" else values < low
+        if values.shape != (len(ids),) or bad.any():
+            row = int(np.argmax(bad)) if values.shape == (len(ids),) else 0
+            value = values[row] if values.shape == (len(ids),) else values
+            check_int64(f"update of customer {ids[row]!r}", what, value, low)
+    states = layout.encode_rows(ids, batch.arrays) if ids else []
+    return [
+        EncodedUpdate(cid, int(n), int(ts), state)
+        for cid, n, ts, state in zip(ids, seq.tolist(), timestamps.tolist(), states, strict=True)
+    ]
+
+
 class StateStore(ABC):
     """Twin states keyed by (model, version, customer), with the input streams' positions.
 
@@ -398,7 +468,7 @@ class StateStore(ABC):
         self,
         model: str,
         version: int,
-        updates: Sequence[StateUpdate],
+        updates: Sequence[StateUpdate] | StateBatch,
         stream_position: StreamPosition | None = None,
     ) -> ApplyResult:
         """Write the updates that follow their customers' stored states, and the stream
@@ -406,7 +476,8 @@ class StateStore(ABC):
         several consecutive events of one customer. A bad update (arrays that do not fit the
         layout, a bad sequence number) raises ``FintwinInputError`` and nothing is written."""
         layout = self.layout(model, version)
-        encoded = [encode_update(layout, update) for update in updates]
+        encoded = (encode_batch(layout, updates) if isinstance(updates, StateBatch)
+                   else [encode_update(layout, update) for update in updates])
         if stream_position is not None:
             check_name("stream cursor name", stream_position.name)
             check_name(
@@ -427,17 +498,31 @@ class StateStore(ABC):
 
     def get(self, model: str, version: int, customer_ids: Iterable[str]) -> StateLookup:
         """The stored states of ``customer_ids`` (one consistent snapshot)."""
-        layout = self.layout(model, version)
-        wanted = list(dict.fromkeys(check_name("customer id", cid) for cid in customer_ids))
-        found = self._get(model, version, wanted)
+        wanted = list(dict.fromkeys(customer_ids))
+        rows = self.get_rows(model, version, wanted)
         states = {
-            cid: TwinState(
-                found[cid][0].seq, found[cid][0].timestamp_ns, layout.decode(found[cid][1])
-            )
-            for cid in wanted
-            if cid in found
+            cid: TwinState(int(rows.seq[i]), int(rows.timestamp_ns[i]),
+                           {name: value[i] for name, value in rows.arrays.items()})
+            for i, cid in enumerate(wanted)
+            if rows.found[i]
         }
-        return StateLookup(model, version, states, tuple(cid for cid in wanted if cid not in found))
+        return StateLookup(model, version, states, tuple(cid for cid in wanted if cid not in states))
+
+    def get_rows(self, model: str, version: int, customer_ids: Sequence[str]) -> StateRows:
+        """The stored states of ``customer_ids`` as stacked arrays, one row per id in order
+        (one consistent snapshot); rows of customers without a state are zeros."""
+        layout = self.layout(model, version)
+        ids = [check_name("customer id", cid) for cid in customer_ids]
+        found = self._get(model, version, list(dict.fromkeys(ids)))
+        present = np.array([cid in found for cid in ids], dtype=bool)
+        blobs = [found[cid][1] if cid in found else bytes(layout.nbytes) for cid in ids]
+        marks = [found[cid][0] if cid in found else Mark(0, 0) for cid in ids]
+        return StateRows(
+            present,
+            np.array([mark.seq for mark in marks], dtype=np.int64),
+            np.array([mark.timestamp_ns for mark in marks], dtype=np.int64),
+            layout.decode_rows(blobs),
+        )
 
     def cursor(self, model: str, version: int, name: str) -> str | None:
         """The last position stored by the consumer ``name``, None before its first batch."""

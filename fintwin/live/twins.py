@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pandas as pd
 
 from fintwin.data.features import NS_PER_DAY, FeaturiserSpec, customer_groups, stored_spec
 from fintwin.errors import FintwinInputError
 from fintwin.live.events import EventBatch, position_key
 from fintwin.live.store import (
+    StateBatch,
     StateLayout,
     StateStore,
-    StateUpdate,
     StreamPosition,
     TwinState,
     iso_time,
@@ -86,6 +87,31 @@ class StepGraph:
         )
 
 
+class StepSession:
+    """A live model version's step graph run with onnxruntime, with its stored layout."""
+
+    def __init__(self, graph: StepGraph, layout: StateLayout,
+                 session: onnxruntime.InferenceSession) -> None:
+        self.graph, self.layout, self.session = graph, layout, session
+        self.shapes = {spec.name: spec.shape for spec in layout.fields}
+
+    def run(self, features: Mapping[str, np.ndarray],
+            states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One step of a batch: event ``features`` (the graph's event inputs, ``delta_t``
+        included) after ``states`` (stored fields) -> the new stored fields."""
+        graph = self.graph
+        feeds = {name: features[name] for name in graph.event_inputs}
+        feeds[graph.silence_input] = np.zeros(len(feeds[graph.event_inputs[0]]), np.float32)
+        feeds |= {inputs: states[name] for name, (inputs, _) in graph.state.items()}
+        names = list(graph.outputs) + [output for _, output in graph.state.values()]
+        values = dict(zip(names, self.session.run(names, feeds), strict=True))
+        new = {name: values[output] for name, (_, output) in graph.state.items()}
+        for name in graph.outputs:
+            field = PREDICTION_FIELD.format(name)
+            new[field] = values[name].reshape(len(values[name]), *self.shapes[field])
+        return new
+
+
 @dataclass
 class Answers:
     """One answer per event of a batch, in the batch's order."""
@@ -122,10 +148,11 @@ class LiveTwins:
             raise FintwinInputError(f"{source} describes no step graph: not a live model version")
         self.spec: FeaturiserSpec = stored_spec(metadata, source)
         self.quantiles = list(metadata.get("quantiles", []))
-        self.graph = StepGraph.from_metadata(metadata[STEP_KEY])
-        self.layout = StateLayout.from_json(metadata[STEP_KEY]["layout"])
-        self.shapes = {spec.name: spec.shape for spec in self.layout.fields}
-        self.session = load_onnx(version_dir / STEP_GRAPH, threads)
+        self.stepper = StepSession(StepGraph.from_metadata(metadata[STEP_KEY]),
+                                   StateLayout.from_json(metadata[STEP_KEY]["layout"]),
+                                   load_onnx(version_dir / STEP_GRAPH, threads))
+        self.graph, self.layout, self.shapes = (self.stepper.graph, self.stepper.layout,
+                                                self.stepper.shapes)
         self.store, self.model, self.version = store, model, int(version)
         store.declare(model, self.version, self.layout)
 
@@ -209,7 +236,7 @@ class LiveTwins:
             answers.status[event] = APPLIED
             answers.seq[event] = stepped.seq[row]
             for name in self.graph.outputs:
-                answers.outputs[name][event] = stepped.outputs[name][row]
+                answers.outputs[name][event] = stepped.arrays[PREDICTION_FIELD.format(name)][row]
         return np.array([e for e in todo if events.customer_ids[e] in lost], dtype=np.int64)
 
     def _answer_unchanged(self, event: int, events: EventBatch, loaded: Loaded,
@@ -224,14 +251,14 @@ class LiveTwins:
 
     # ------------------------------------------------------------------ stepping
     def _step(self, events: EventBatch, todo: np.ndarray, customer: np.ndarray,
-              loaded: Loaded) -> tuple[Stepped, list[StateUpdate]]:
+              loaded: Loaded) -> tuple[Stepped, StateBatch]:
         """Step the events ``todo`` (sorted by customer, then time; ``customer``: their index
         in ``loaded``) in rounds, one event per customer each; ``loaded`` is advanced in place.
         The updates come round by round, so each customer's are in sequence order."""
         starts, counts = customer_groups(customer)
         rank = np.arange(len(todo)) - np.repeat(starts, counts)
-        stepped = Stepped.empty(self, len(todo))
-        updates: list[StateUpdate] = []
+        stepped = Stepped.empty(self.layout, len(todo))
+        first = 0
         for round_ in range(int(rank.max(initial=-1)) + 1):
             rows = np.flatnonzero(rank == round_)
             index, event = customer[rows], todo[rows]
@@ -245,46 +272,23 @@ class LiveTwins:
                 loaded.arrays[name][index] = value
             loaded.seq[index] += 1
             loaded.last_ns[index] = timestamps
-            stepped.record(len(updates), event, loaded.seq[index], new, self.graph.outputs)
-            updates += [
-                StateUpdate(str(events.customer_ids[e]), int(seq), int(ts),
-                            {name: value[j] for name, value in new.items()})
-                for j, (e, seq, ts) in enumerate(zip(event, loaded.seq[index], timestamps,
-                                                     strict=True))
-            ]
+            stepped.record(first, event, loaded.seq[index], new)
+            first += len(event)
+        updates = StateBatch([str(c) for c in events.customer_ids[stepped.event]], stepped.seq,
+                             events.timestamps_ns[stepped.event], stepped.arrays)
         return stepped, updates
 
     def run(self, features: Mapping[str, np.ndarray],
             states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One step of a batch: event ``features`` (the graph's event inputs, ``delta_t``
-        included) after ``states`` (stored fields) -> the new stored fields."""
-        graph = self.graph
-        feeds = {name: features[name] for name in graph.event_inputs}
-        feeds[graph.silence_input] = np.zeros(len(feeds[graph.event_inputs[0]]), np.float32)
-        feeds |= {inputs: states[name] for name, (inputs, _) in graph.state.items()}
-        names = list(graph.outputs) + [output for _, output in graph.state.values()]
-        values = dict(zip(names, self.session.run(names, feeds), strict=True))
-        new = {name: values[output] for name, (_, output) in graph.state.items()}
-        for name in graph.outputs:
-            field = PREDICTION_FIELD.format(name)
-            new[field] = values[name].reshape(len(values[name]), *self.shapes[field])
-        return new
+        """One step of a batch (``StepSession.run``)."""
+        return self.stepper.run(features, states)
 
     # ------------------------------------------------------------------ stored states
     def load(self, customer_ids: np.ndarray) -> Loaded:
         """The stored states of ``customer_ids`` (sorted, unique); zeros for new customers."""
-        lookup = self.store.get(self.model, self.version, [str(c) for c in customer_ids])
-        n = len(customer_ids)
-        arrays = {spec.name: np.zeros((n, *spec.shape), spec.dtype) for spec in self.layout.fields}
-        seq = np.zeros(n, dtype=np.int64)
-        last_ns = np.zeros(n, dtype=np.int64)
-        for index, customer_id in enumerate(customer_ids):
-            state = lookup.states.get(str(customer_id))
-            if state is not None:
-                for name, value in state.arrays.items():
-                    arrays[name][index] = value
-                seq[index], last_ns[index] = state.seq, state.timestamp_ns
-        return Loaded(np.asarray(customer_ids, dtype=object), arrays, seq, last_ns)
+        rows = self.store.get_rows(self.model, self.version, [str(c) for c in customer_ids])
+        return Loaded(np.asarray(customer_ids, dtype=object), rows.arrays, rows.seq,
+                      rows.timestamp_ns)
 
     def summary(self, customer_id: str) -> dict:
         """A customer's twin: events applied, last event time and the predictions right after
@@ -320,12 +324,8 @@ class LiveTwins:
         report = BootstrapReport(customers=0, events=0, kept=0)
         for start in range(0, len(sequences), chunk):
             index = np.arange(start, min(start + chunk, len(sequences)))
-            arrays = self._history_states(sequences, index)
-            updates = [
-                StateUpdate(str(sequences.customer_ids[i]), int(counts[i]), int(last_ns[i]),
-                            {name: value[j] for name, value in arrays.items()})
-                for j, i in enumerate(index)
-            ]
+            updates = StateBatch([str(c) for c in sequences.customer_ids[index]], counts[index],
+                                 last_ns[index], self._history_states(sequences, index))
             result = self.store.apply(self.model, self.version, updates)
             applied = index[list(result.applied)]
             report.customers += len(applied)
@@ -397,26 +397,22 @@ class BootstrapReport:
 
 @dataclass
 class Stepped:
-    """The events stepped by one attempt, in the order of their updates, with results."""
+    """The events stepped by one attempt, in the order of their updates, with their new
+    stored fields (state and predictions)."""
 
     event: np.ndarray
     seq: np.ndarray
-    outputs: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]
 
     @classmethod
-    def empty(cls, twins: LiveTwins, n: int) -> Stepped:
-        return cls(
-            np.zeros(n, np.int64), np.zeros(n, np.int64),
-            {name: np.zeros((n, *twins.shapes[PREDICTION_FIELD.format(name)]), np.float32)
-             for name in twins.graph.outputs},
-        )
+    def empty(cls, layout: StateLayout, n: int) -> Stepped:
+        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   {spec.name: np.zeros((n, *spec.shape), spec.dtype) for spec in layout.fields})
 
     def record(self, first: int, events: np.ndarray, seq: np.ndarray,
-               new: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> None:
+               new: Mapping[str, np.ndarray]) -> None:
         """One round's events and results, from position ``first`` on."""
         rows = slice(first, first + len(events))
         self.event[rows], self.seq[rows] = events, seq
-        for name in outputs:
-            self.outputs[name][rows] = new[PREDICTION_FIELD.format(name)]
-
-
+        for name, value in new.items():
+            self.arrays[name][rows] = value
