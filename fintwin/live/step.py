@@ -261,28 +261,13 @@ class StepModel(nn.Module):
         hidden, carried = self.carrier.step(
             self.model.encoder, event, state, self._running_in(state)
         )
-        return self.outputs(hidden, days_since_last_event), self._stored(carried, hidden)
+        return (self.model.serving_outputs(hidden, days_since_last_event),
+                self._stored(carried, hidden))
 
     def states_after(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """States after each row's whole (right-padded) history, in one batched pass."""
         prefix = self.model.encoder.prefix_state(batch)
         return self._stored(self.carrier.from_prefix(prefix, batch["length"]), prefix["hidden"])
-
-    def outputs(self, hidden: Tensor, days_since_last_event: Tensor) -> dict[str, Tensor]:
-        """The contract's outputs from hidden states ``[B, H]`` (as ``predict_last``)."""
-        model = self.model
-        out = model.head_outputs(hidden, days_since_last_event)
-        probs = torch.softmax(out.type_logits, dim=-1)
-        return {
-            "next_event_probs": probs,
-            "next_time_mean": out.gap.mean(),
-            "next_time_quantiles": out.gap.quantiles(model.quantile_levels),
-            "dormant_prob": out.gap.dormant_prob,
-            "next_amount_mean": out.amount.marginal_mean(probs),
-            "churn_prob": torch.sigmoid(out.churn_logit),
-            "horizon_count": out.horizon.count,
-            "horizon_spend": out.horizon.spend,
-        }
 
     def _running_in(self, state: Mapping[str, Tensor]) -> State:
         running = {name: join_float64(state[name]) for name in self.running}

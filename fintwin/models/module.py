@@ -292,7 +292,13 @@ class TwinModule(pl.LightningModule):
         ``batch["days_since_last_event"]`` ``[B]`` days of silence since that event (right
         after it when absent)."""
         hidden = gather_last(self(batch), batch["length"])
-        out = self.head_outputs(hidden, batch.get("days_since_last_event"))
+        return self.serving_outputs(hidden, batch.get("days_since_last_event"))
+
+    def serving_outputs(self, hidden: Tensor,
+                        days_since_last_event: Tensor | None = None) -> dict[str, Tensor]:
+        """The contract's outputs from hidden states ``[B, H]`` at customers' last events
+        (``predict_last``; the live step model after each event)."""
+        out = self.head_outputs(hidden, days_since_last_event)
         probs = torch.softmax(out.type_logits, dim=-1)
         return {
             "next_event_probs": probs,
