@@ -1,5 +1,8 @@
 """Twin state store: every customer's live twin state, keyed by (model, version, customer).
 
+Customers are stored under their pseudonymous key (HMAC-SHA256 of the id,
+``fintwin.live.pseudonyms``), never their id: callers pass and get ids, the store hashes them.
+
 A state is a few named arrays with one fixed layout per model version (the step graph's
 recurrent state or key/value window and its running features). The layout (names, shapes,
 dtypes) is stored once per version (``declare``); a customer's state is stored as the raw
@@ -46,6 +49,7 @@ import numpy as np
 import redis
 
 from fintwin.errors import FintwinInputError
+from fintwin.live.pseudonyms import CustomerKeys, local_keys, read_secret, shared_keys
 
 LAYOUT_FORMAT = 1  # stored with every layout; a reader refuses formats it does not know
 STATE_DTYPES = (np.dtype(np.float32), np.dtype(np.int64))
@@ -438,8 +442,9 @@ class StateStore(ABC):
     A store is safe to share between threads; several processes may open the same store.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, customer_keys: CustomerKeys) -> None:
         self._layouts: dict[tuple[str, int], StateLayout] = {}
+        self.customer_keys = customer_keys
 
     def declare(self, model: str, version: int, layout: StateLayout) -> None:
         """Record ``layout`` as the state of ``model`` version ``version`` (once per version;
@@ -483,7 +488,9 @@ class StateStore(ABC):
             check_name(
                 f"stream cursor {stream_position.name!r}: position", stream_position.position
             )
-        verdicts = self._apply(model, version, encoded, stream_position)
+        keyed = [EncodedUpdate(key, u.seq, u.timestamp_ns, u.state) for key, u in
+                 zip(self.customer_keys.keys(u.customer_id for u in encoded), encoded, strict=True)]
+        verdicts = self._apply(model, version, keyed, stream_position)
         if verdicts is None:  # deleted since this store read its layout
             self._layouts.pop((model, version), None)
             raise self._undeclared(model, version)
@@ -512,7 +519,7 @@ class StateStore(ABC):
         """The stored states of ``customer_ids`` as stacked arrays, one row per id in order
         (one consistent snapshot); rows of customers without a state are zeros."""
         layout = self.layout(model, version)
-        ids = [check_name("customer id", cid) for cid in customer_ids]
+        ids = self.customer_keys.keys(check_name("customer id", cid) for cid in customer_ids)
         found = self._get(model, version, list(dict.fromkeys(ids)))
         present = np.array([cid in found for cid in ids], dtype=bool)
         blobs = [found[cid][1] if cid in found else bytes(layout.nbytes) for cid in ids]
@@ -535,7 +542,8 @@ class StateStore(ABC):
         return sorted(self._versions(model))
 
     def customer_ids(self, model: str, version: int) -> list[str]:
-        """Every customer with a state under ``model`` version ``version``, sorted."""
+        """The pseudonymous keys (``customer_keys``) of every customer with a state under
+        ``model`` version ``version``, sorted."""
         check_model(model, version)
         return sorted(self._customer_ids(model, version))
 
@@ -629,10 +637,11 @@ class SQLiteStateStore(StateStore):
     up to ``busy_timeout_s`` for the lock.
     """
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
-        super().__init__()
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0,
+                 customer_keys: CustomerKeys | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(customer_keys or local_keys(self.path))
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -772,6 +781,7 @@ class SQLiteStateStore(StateStore):
         return removed
 
 
+REDIS_PASSWORD_FILE_ENV = "FINTWIN_REDIS_PASSWORD_FILE"  # the password, kept out of the URL
 REDIS_HEADER = struct.Struct("<qq")  # seq, timestamp_ns; then the state's bytes
 
 # KEYS: layout, cursors hash, then one state key per update; ARGV: cursor name ('' for none),
@@ -808,14 +818,22 @@ class RedisStateStore(StateStore):
     a batch and its position (atomically, in one round trip) is legal on a cluster too.
     Durability is the server's: run it with ``appendonly yes`` (``appendfsync always`` to keep
     every applied batch through a power cut; ``everysec`` may lose the last second, states and
-    position together).
+    position together). In production the server requires a password and speaks TLS
+    (``rediss://`` URLs); the password comes from the URL or, kept out of it, from the file
+    ``$FINTWIN_REDIS_PASSWORD_FILE``.
     """
 
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self._redis = redis.Redis.from_url(url)
+    def __init__(self, url: str, customer_keys: CustomerKeys | None = None) -> None:
+        password_file = os.environ.get(REDIS_PASSWORD_FILE_ENV, "")
+        password = read_secret(Path(password_file), REDIS_PASSWORD_FILE_ENV) if password_file else None
+        self._redis = redis.Redis.from_url(url, **({"password": password} if password else {}))
         options = self._redis.connection_pool.connection_kwargs
         where = options.get("path") or f"{options.get('host')}:{options.get('port')}"
+        try:
+            super().__init__(customer_keys or shared_keys(where))
+        except FintwinInputError:
+            self._redis.close()
+            raise
         try:
             self._redis.ping()
         except redis.RedisError as exc:
@@ -905,13 +923,15 @@ class RedisStateStore(StateStore):
         return removed
 
 
-def open_store(url: str) -> StateStore:
+def open_store(url: str, customer_keys: CustomerKeys | None = None) -> StateStore:
     """The store at ``url``: ``sqlite:///PATH`` (``sqlite:////abs/twins.db`` for an absolute
-    path) or a Redis URL (``redis://HOST:PORT/DB``, ``rediss://...``, ``unix://PATH``)."""
+    path) or a Redis URL (``redis://HOST:PORT/DB``, ``rediss://:PASSWORD@HOST:PORT/DB
+    ?ssl_ca_certs=CA.pem``, ``unix://PATH``); customers keyed by ``customer_keys``, else as
+    ``fintwin.live.pseudonyms`` configures."""
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        return SQLiteStateStore(url.removeprefix("sqlite:///"))
+        return SQLiteStateStore(url.removeprefix("sqlite:///"), customer_keys=customer_keys)
     if url.partition("://")[0] in ("redis", "rediss", "unix"):
-        return RedisStateStore(url)
+        return RedisStateStore(url, customer_keys)
     raise FintwinInputError(
         f"state store {url!r}: expected sqlite:///PATH or redis://HOST:PORT[/DB]"
     )

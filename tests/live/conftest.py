@@ -16,12 +16,25 @@ from pathlib import Path
 import pytest
 import redis
 
+from fintwin.live.pseudonyms import KEY_ENV, KEY_FILE_ENV
 from fintwin.serving.server import free_ports
+from tests.certificates import Pki
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
+TEST_ID_SECRET = "live-tests-customer-id-secret-0123456789"
 HOST = "127.0.0.1"
 STARTUP_POLLS = 400  # x 0.05 s
 STOP_TIMEOUT_S = 10
+
+
+@pytest.fixture(autouse=True, scope="session")
+def customer_id_secret() -> Iterator[str]:
+    """The secret customers are keyed with (``fintwin.live.pseudonyms``), in the environment
+    of the tests and of the servers they start, as a deployment sets it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, TEST_ID_SECRET)
+        patch.delenv(KEY_FILE_ENV, raising=False)
+        yield TEST_ID_SECRET
 
 
 class RedisServer:
@@ -32,15 +45,31 @@ class RedisServer:
     without it the server keeps nothing on disk.
     """
 
-    def __init__(self, directory: Path, appendonly: bool = False) -> None:
+    def __init__(self, directory: Path, appendonly: bool = False, password: str = "",
+                 pki: Pki | None = None) -> None:
         self.directory = directory
         self.appendonly = appendonly
+        self.password, self.pki = password, pki
         self.port = free_ports(HOST, 1)[0]
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        """``redis://`` or, with TLS, ``rediss://`` (verifying the server against the test CA),
+        with the password when the server requires one."""
+        credentials = f":{self.password}@" if self.password else ""
+        if self.pki is None:
+            return f"redis://{credentials}{HOST}:{self.port}/0"
+        return f"rediss://{credentials}{HOST}:{self.port}/0?ssl_ca_certs={self.pki.ca}"
+
+    def _security_options(self) -> list[str]:
+        options = ["--requirepass", self.password] if self.password else []
+        if self.pki is not None:
+            options += ["--port", "0", "--tls-port", str(self.port),
+                        "--tls-cert-file", str(self.pki.server.certificate),
+                        "--tls-key-file", str(self.pki.server.key),
+                        "--tls-ca-cert-file", str(self.pki.ca), "--tls-auth-clients", "no"]
+        return options
 
     def start(self) -> RedisServer:
         """Start the server and wait until it answers PING."""
@@ -62,10 +91,11 @@ class RedisServer:
             str(self.directory),
             "--daemonize",
             "no",
+            *self._security_options(),
         ]
         with open(self.directory / "redis.log", "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(host=HOST, port=self.port, socket_connect_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         try:
             for _ in range(STARTUP_POLLS):
                 if self.process.poll() is not None:
@@ -73,7 +103,7 @@ class RedisServer:
                 try:
                     if client.ping():
                         return self
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.05)
         finally:
             client.close()
@@ -108,15 +138,17 @@ def require_redis_server() -> None:
 
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """Start redis-servers of one test (``start_redis(appendonly=True)``); all are stopped
-    when the test ends."""
+    """Start redis-servers of one test (``start_redis(appendonly=True)``, with a password
+    and TLS: ``start_redis(password="...", pki=make_pki(...))``); all are stopped when the
+    test ends."""
     require_redis_server()
     servers: list[RedisServer] = []
 
-    def start(appendonly: bool = False) -> RedisServer:
+    def start(appendonly: bool = False, password: str = "",
+              pki: Pki | None = None) -> RedisServer:
         directory = tmp_path / f"redis{len(servers)}"
         directory.mkdir()
-        servers.append(RedisServer(directory, appendonly))
+        servers.append(RedisServer(directory, appendonly, password, pki))
         return servers[-1].start()
 
     yield start

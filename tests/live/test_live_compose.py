@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from fintwin.export.triton_repo import TRITON_IMAGE
+from fintwin.live.pseudonyms import KEY_ENV, KEY_FILE_ENV
 from fintwin.live.repository import SHIM
+from fintwin.live.store import REDIS_PASSWORD_FILE_ENV
 from fintwin.live.triton_model import STATE_STORE_ENV
 from fintwin.serving.server import STUB_NAME
 
@@ -29,8 +31,13 @@ def dockerfile() -> str:
 
 
 @pytest.fixture(scope="module")
-def services() -> dict:
-    return yaml.safe_load(OVERRIDE.read_text())["services"]
+def compose() -> dict:
+    return yaml.safe_load(OVERRIDE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
 
 
 def test_image_is_the_pinned_triton_release_with_the_locked_environment(dockerfile):
@@ -70,17 +77,29 @@ def test_compose_override_builds_the_image_and_points_live_models_at_redis(servi
     assert (ROOT / "serve" / server["build"]["context"]).resolve() == ROOT
     assert (ROOT / server["build"]["dockerfile"]).resolve() == DOCKERFILE
     assert server["image"] != TRITON_IMAGE  # never tag the build as the official image
-    store = server["environment"][STATE_STORE_ENV]
-    assert store == "redis://redis:6379/0"
+    environment = server["environment"]
+    assert environment[STATE_STORE_ENV] == "rediss://redis:6379/0?ssl_ca_certs=/run/secrets/ca.pem"
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    # secrets come from files mounted as compose secrets, never from the environment itself
+    assert environment[REDIS_PASSWORD_FILE_ENV] == "/run/secrets/redis_password"
+    assert environment[KEY_FILE_ENV] == "/run/secrets/id_key"
+    assert KEY_ENV not in environment
+    assert {"id_key", "redis_password", "ca.pem"} <= set(server["secrets"])
 
 
-def test_redis_keeps_every_acknowledged_write(services):
-    command = services["redis"]["command"]
-    options = dict(zip(command[1::2], command[2::2], strict=True))
-    assert command[0] == "redis-server"
+def test_redis_keeps_every_write_requires_the_password_and_speaks_tls_only(services, compose):
+    redis_service = services["redis"]
+    command = redis_service["command"]
+    options = dict(zip(command[::2], command[1::2], strict=True))
     assert options["--appendonly"] == "yes" and options["--appendfsync"] == "always"
-    assert any(volume.endswith(":/data") for volume in services["redis"]["volumes"])
+    assert options["--port"] == "0" and options["--tls-port"] == "6379"
+    assert "--requirepass" in " ".join(redis_service["entrypoint"])
+    assert "/run/secrets/redis_password" in " ".join(redis_service["entrypoint"])
+    assert any(volume.endswith(":/data") for volume in redis_service["volumes"])
+    for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        secret = options[option].removeprefix("/run/secrets/")
+        assert secret in redis_service["secrets"] and secret in compose["secrets"]
+    assert "--tls" in redis_service["healthcheck"]["test"][1]
 
 
 def test_model_py_shim_imports_the_live_model_class():

@@ -301,6 +301,25 @@ def test_unknown_types_are_oov_and_old_events_are_refused(server, live_repo, cap
         capsys.readouterr().err
 
 
+def test_no_raw_customer_id_in_the_store_the_log_or_the_metrics(server, live_repo, capsys):
+    """Customers are stored, logged and counted under their keyed hash only; ``live get``
+    finds a twin by the raw id all the same."""
+    secret_ids = ["raw-id-alice-7731", "raw-id-bob-7732"]
+    client = connect(server, "grpc")
+    answer = infer(client, [GOOD | {"customer_id": cid} for cid in secret_ids])
+    client.close()
+    assert answer.as_numpy("status")[:, 0].tolist() == [b"applied", b"applied"]
+    database = Path(default_store_url(live_repo).removeprefix("sqlite:///"))
+    files = [*database.parent.glob(database.name + "*"), server.log_path]
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        metrics = response.read()
+    for where, blob in [(str(path), path.read_bytes()) for path in files] + [("metrics", metrics)]:
+        for cid in secret_ids:
+            assert cid.encode() not in blob, f"{where} holds the raw customer id {cid!r}"
+    assert main(["live", "get", secret_ids[0], "--repo", str(live_repo), "--model", MODEL]) == 0
+    assert json.loads(capsys.readouterr().out)["seq"] == 1
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_16_concurrent_clients_lose_no_update(request, live_repo, tmp_path, store):
     """16 clients send, in 8 bursts, one request each holding an event of customer a and one
