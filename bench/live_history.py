@@ -33,7 +33,7 @@ from live import MAX_LEN, random_twin
 from machine_info import machine
 
 from fintwin.data.sources import read_cdnow
-from fintwin.live.repository import export_step_graph, step_metadata
+from fintwin.live.repository import export_step_graph
 from fintwin.live.step import OUTPUT_NAMES, divergence_past_max_len
 from fintwin.live.store import StateLayout
 from fintwin.live.twins import StepGraph, StepSession
@@ -49,8 +49,7 @@ class StepRunner:
 
     def __init__(self, encoder: str, scratch: Path) -> None:
         twin = random_twin(encoder)
-        step_graph, parity, step = export_step_graph(twin, scratch)
-        metadata = step_metadata(step, parity)
+        step_graph, _, metadata = export_step_graph(twin, scratch)
         self.twins = StepSession(StepGraph.from_metadata(metadata),
                                  StateLayout.from_json(metadata["layout"]), load_onnx(step_graph, 1))
         self.rng = np.random.default_rng(0)
