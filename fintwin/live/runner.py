@@ -35,6 +35,7 @@ import numpy as np
 
 from fintwin.data.features import stored_spec
 from fintwin.live.events import CURSOR_FIELD, position_key
+from fintwin.live.store import redis_client
 from fintwin.live.triton_model import CURSOR_OUTPUT, SEQ_OUTPUT, STATUS_OUTPUT
 from fintwin.live.twins import APPLIED, DUPLICATE, named_predictions
 from fintwin.serving.client import InvalidRequestError, TritonTransport, WireProtocol
@@ -248,7 +249,7 @@ class RedisStream:
                  block_ms: int = 2000, exit_when_idle: bool = False) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url)
+        self.redis = redis_client(url)
         self.key, self.group, self.consumer = key, group, consumer
         self.batch, self.block_ms, self.exit_when_idle = batch, block_ms, exit_when_idle
         try:

@@ -824,9 +824,7 @@ class RedisStateStore(StateStore):
     """
 
     def __init__(self, url: str, customer_keys: CustomerKeys | None = None) -> None:
-        password_file = os.environ.get(REDIS_PASSWORD_FILE_ENV, "")
-        password = read_secret(Path(password_file), REDIS_PASSWORD_FILE_ENV) if password_file else None
-        self._redis = redis.Redis.from_url(url, **({"password": password} if password else {}))
+        self._redis = redis_client(url)
         options = self._redis.connection_pool.connection_kwargs
         where = options.get("path") or f"{options.get('host')}:{options.get('port')}"
         try:
@@ -921,6 +919,16 @@ class RedisStateStore(StateStore):
         prefix = self._prefix(model, version)
         self._redis.unlink(prefix + "cursors", prefix + "layout")
         return removed
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client of the Redis server at ``url``, its password from the URL or else from the
+    file ``$FINTWIN_REDIS_PASSWORD_FILE``."""
+    password_file = os.environ.get(REDIS_PASSWORD_FILE_ENV, "")
+    if not password_file:
+        return redis.Redis.from_url(url)
+    return redis.Redis.from_url(url, password=read_secret(Path(password_file),
+                                                          REDIS_PASSWORD_FILE_ENV))
 
 
 def open_store(url: str, customer_keys: CustomerKeys | None = None) -> StateStore:
