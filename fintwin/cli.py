@@ -89,7 +89,7 @@ def _export(args: argparse.Namespace) -> int:
     exported = export_to_repository(
         args.ckpt, args.repo, args.name, args.device, live=not args.no_live,
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-        instances=args.instances)
+        instances=args.instances, reference_data=args.reference_data)
     print(f"exported {args.repo / args.name}/{exported.version}/model.onnx "
           f"(ONNX parity: worst scaled difference {exported.report.worst:.1e})")
     if exported.live_version is not None:
@@ -113,6 +113,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
     parser.add_argument("--no-live", action="store_true",
                         help="skip the live model NAME_live (raw events in, per-event state)")
+    parser.add_argument("--reference-data", help="events whose calibration period (up to the "
+                        "checkpoint's cut-off) is the drift reference (default: the training data)")
 
 
 def _serve(args: argparse.Namespace) -> int:

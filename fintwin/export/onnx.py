@@ -30,6 +30,7 @@ from fintwin.errors import FintwinInputError
 from fintwin.export.graph import ExportableTwin
 from fintwin.models.checkpoint import TrainedTwin, load_twin
 from fintwin.models.module import QUANTILE_LEVELS
+from fintwin.monitor.drift import REFERENCE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class Exported:
 
 
 def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
-                         live: bool = True, **triton_options) -> Exported:
+                         live: bool = True, reference_data: str | None = None,
+                         **triton_options) -> Exported:
     """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>`` and, with
     ``live``, of its live model ``<repo>/<name>_live`` (the parity-checked step graph run by a
     python-backend model, ``fintwin.live.repository``).
@@ -177,6 +179,9 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
     Both graphs are exported and checked before the repository is touched. A write that fails
     (full disk, read-only file system) raises FintwinInputError naming the path and the cause;
     the model it was writing is then left as it was.
+
+    Both models' metadata carry the drift reference of the calibration events of
+    ``reference_data`` (default: the training data; ``fintwin.monitor.reference``).
     """
     from fintwin.export.triton_repo import MODEL_FILENAME, write_model_version
     from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
@@ -195,6 +200,9 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
                 " (it is written there, in TMPDIR, before it is copied into the repository)"
             ) from exc
         metadata = export_metadata(twin, ckpt, report)
+        reference = drift_reference(twin, reference_data, metadata, step, Path(scratch))
+        if reference is not None:
+            metadata[REFERENCE_KEY] = reference
         version = write_model_version(repo, name, onnx_path, metadata, device=device,
                                       **triton_options)
         if not live:
@@ -204,3 +212,16 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
         live_version = write_live_model(repo, name, twin.spec, step_graph,
                                         live_metadata(metadata, step), Path(scratch), **batching)
     return Exported(version, report, live_version, step_report)
+
+
+def drift_reference(twin: TrainedTwin, source: str | None, metadata: dict, step: dict | None,
+                    scratch: Path) -> dict | None:
+    """The drift reference of the twin's calibration events; outputs from the step graph in
+    ``scratch`` (written there by ``export_step_graph``) when there is one."""
+    from fintwin.files import write_json_atomic
+    from fintwin.live.repository import live_metadata
+    from fintwin.monitor.reference import calibration_reference
+
+    if step is not None:
+        write_json_atomic(scratch / "fintwin.json", live_metadata(metadata, step))
+    return calibration_reference(twin, source, scratch if step is not None else None)

@@ -27,7 +27,9 @@ import numpy as np
 from fintwin.errors import FintwinInputError
 from fintwin.live.events import EventBatch, event_fields, read_events
 from fintwin.live.store import open_store
-from fintwin.live.twins import PREDICTION_FIELD, LiveTwins
+from fintwin.live.twins import APPLIED, PREDICTION_FIELD, LiveTwins
+from fintwin.monitor.metrics import ModelMetrics, TimedStore
+from fintwin.monitor.served import applied_values, record_requests, triton_metrics
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -57,8 +59,9 @@ def store_url(configured: str, repository: Path) -> str:
 class LiveModel:
     """Answers batches of live requests (field name -> one value per row) for ``twins``."""
 
-    def __init__(self, twins: LiveTwins) -> None:
+    def __init__(self, twins: LiveTwins, metrics: ModelMetrics | None = None) -> None:
         self.twins = twins
+        self.metrics = metrics
         self.optional = [f.name for f in event_fields(twins.spec) if f.optional]
 
     def answer(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[Result]:
@@ -74,6 +77,8 @@ class LiveModel:
             outputs = self._apply(batch, int(offsets[-1]))
             for member, start, stop in zip(members, offsets[:-1], offsets[1:], strict=True):
                 results[member] = {name: value[start:stop] for name, value in outputs.items()}
+        if self.metrics is not None:
+            record_requests(self.metrics, sizes, results)
         return results
 
     def _read(self, columns: list[dict[str, np.ndarray]], sizes: list[int],
@@ -119,6 +124,11 @@ class LiveModel:
         outputs[SEQ_OUTPUT] = np.zeros((rows, 1), dtype=np.int64)
         outputs[CURSOR_OUTPUT] = np.full((rows, 1), b"", dtype=object)
         answers = twins.apply(batch)
+        if self.metrics is not None:
+            self.metrics.events(answers.status)
+            self.metrics.twins_created(int(np.sum((answers.seq == 1) & (answers.status == APPLIED))))
+            self.metrics.observe_drift(applied_values(batch.features, answers.status, answers.seq,
+                                                      answers.gap_days, answers.outputs))
         for name in twins.graph.outputs:
             outputs[name][batch.rows] = answers.outputs[name]
         outputs[STATUS_OUTPUT][batch.rows, 0] = [s.encode() for s in answers.status]
@@ -143,9 +153,11 @@ class TritonPythonModel:
         threads = int(parameters.get(INTRA_OP_THREADS_PARAMETER, {}).get("string_value") or 1)
         repository = version_dir.resolve().parent.parent  # the exported one (the embedded
         url = store_url(configured, repository)  # server serves it through a symlink)
-        store = open_store(url)
+        metrics = triton_metrics(pb_utils, args)
+        store = TimedStore(open_store(url), metrics)
         self.model = LiveModel(
-            LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads)
+            LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads),
+            metrics,
         )
         pb_utils.Logger.log_info(
             f"live model {config['name']} version {args['model_version']}: step graph "
@@ -160,6 +172,10 @@ class TritonPythonModel:
         # never let an exception out of execute: Triton would fail every request of the call
         except Exception as exc:
             results = [RuntimeError(f"internal error: {exc}")] * len(requests)
+            self.model.metrics.requests(["error"] * len(requests))
+        twins = self.model.twins
+        self.model.metrics.live_states(lambda: len(twins.store.customer_ids(twins.model,
+                                                                            twins.version)))
         return [_response(result) for result in results]
 
     def finalize(self) -> None:

@@ -120,6 +120,8 @@ class Answers:
     seq: np.ndarray  # int64: the customer's events applied, after this one when applied
     outputs: dict[str, np.ndarray]  # prediction fields' shapes; NaN where there is none
     cursor: str  # the consumer's stored position after the batch ('' without a consumer)
+    gap_days: np.ndarray  # float64: days since the customer's previous event (NaN: none, or
+    # not applied)
 
 
 @dataclass
@@ -166,6 +168,7 @@ class LiveTwins:
             outputs={name: np.full((n, *self.shapes[PREDICTION_FIELD.format(name)]), np.nan,
                                    dtype=np.float32) for name in self.graph.outputs},
             cursor="",
+            gap_days=np.full(n, np.nan),
         )
         loaded = self.load(np.unique(events.customer_ids))
         todo, position = self._replayed(events, answers, loaded)
@@ -235,6 +238,7 @@ class LiveTwins:
                 continue
             answers.status[event] = APPLIED
             answers.seq[event] = stepped.seq[row]
+            answers.gap_days[event] = stepped.gap_days[row]
             for name in self.graph.outputs:
                 answers.outputs[name][event] = stepped.arrays[PREDICTION_FIELD.format(name)][row]
         return np.array([e for e in todo if events.customer_ids[e] in lost], dtype=np.int64)
@@ -273,6 +277,8 @@ class LiveTwins:
             loaded.seq[index] += 1
             loaded.last_ns[index] = timestamps
             stepped.record(first, event, loaded.seq[index], new)
+            stepped.gap_days[first:first + len(event)] = np.where(loaded.seq[index] > 1, delta,
+                                                                  np.nan)
             first += len(event)
         updates = StateBatch([str(c) for c in events.customer_ids[stepped.event]], stepped.seq,
                              events.timestamps_ns[stepped.event], stepped.arrays)
@@ -403,11 +409,13 @@ class Stepped:
     event: np.ndarray
     seq: np.ndarray
     arrays: dict[str, np.ndarray]
+    gap_days: np.ndarray  # days since the customer's previous event (NaN: its first)
 
     @classmethod
     def empty(cls, layout: StateLayout, n: int) -> Stepped:
         return cls(np.zeros(n, np.int64), np.zeros(n, np.int64),
-                   {spec.name: np.zeros((n, *spec.shape), spec.dtype) for spec in layout.fields})
+                   {spec.name: np.zeros((n, *spec.shape), spec.dtype) for spec in layout.fields},
+                   np.full(n, np.nan))
 
     def record(self, first: int, events: np.ndarray, seq: np.ndarray,
                new: Mapping[str, np.ndarray]) -> None:

@@ -1,9 +1,11 @@
 """Run an exported fintwin ONNX model with onnxruntime: in Triton's python backend or in process.
 
 This file is copied verbatim into the embedded server's runtime repository as
-``<name>/<version>/model.py`` next to the version's ``model.onnx`` and ``fintwin.json``, so it
-imports nothing from fintwin: the bounds it checks each input against come from the contract
-table the export wrote into ``fintwin.json`` (CONTRACT.md). ``OnnxModel`` holds everything that
+``<name>/<version>/model.py`` next to the version's ``model.onnx`` and ``fintwin.json``; the
+model itself imports nothing from fintwin: the bounds it checks each input against come from
+the contract table the export wrote into ``fintwin.json`` (CONTRACT.md). The Triton entry point
+records fintwin's metrics (``fintwin.monitor``; the embedded server runs where fintwin is
+installed). ``OnnxModel`` holds everything that
 is not Triton-specific (onnxruntime options, request validation, batching) and is also what the
 in-process runner uses, so both paths validate and compute identically.
 
@@ -483,6 +485,9 @@ class TritonPythonModel:
             f"{threads} intra-op thread(s), max_len {self.model.max_len}, at most {budget} "
             f"rows x events per run, inputs checked against {METADATA_FILENAME}'s contract"
         )
+        from fintwin.monitor.served import triton_metrics
+
+        self.metrics = triton_metrics(pb_utils, args)
 
     def execute(self, requests: list) -> list:
         """One response per request, in order; a bad request gets a TritonError, never a raise."""
@@ -492,6 +497,10 @@ class TritonPythonModel:
         # never let an exception out of execute: Triton would fail every request of the call
         except Exception as exc:
             results = [RuntimeError(f"internal error: {exc}")] * len(requests)
+        self.metrics.requests(_outcome(result) for result in results)
+        self.metrics.rejected("contract" for result in results if isinstance(result, InputError))
+        self.metrics.customers(sum(len(next(iter(result.values()))) for result in results
+                                   if isinstance(result, dict)))
         return [self._response(result) for result in results]
 
     @staticmethod
@@ -507,3 +516,10 @@ class TritonPythonModel:
                 pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()
             ]
         )
+
+
+def _outcome(result: dict[str, np.ndarray] | Exception) -> str:
+    """A request's outcome for the metrics: ok, invalid (the client's fault) or error."""
+    if isinstance(result, InputError):
+        return "invalid"
+    return "error" if isinstance(result, Exception) else "ok"
