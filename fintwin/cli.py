@@ -1,4 +1,4 @@
-"""`fintwin <command>`: data summary, export, serve, predict, simulate, report, live.
+"""`fintwin <command>`: data summary, export, serve, predict, simulate, report, live, monitor.
 
 Every command exits 0 on success, 2 on bad input (message on stderr, no traceback) and 1 on
 an internal error.
@@ -376,8 +376,36 @@ def _add_live(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--store", help=store_help)
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from fintwin.monitor.drift import Thresholds
+    from fintwin.monitor.offline import monitor
+
+    report = monitor(args.repo, args.model, args.events, args.out, args.window,
+                     Thresholds(args.watch, args.act))
+    for name, value in report.overall.items():
+        print(f"{name:>16}  PSI {value:7.3f}  {report.thresholds.level(value)}")
+    print(f"{len(report.drifted())} drifted (PSI >= {args.watch}) -> {args.out / 'index.html'}")
+    return 0
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    parser = _command(sub, "monitor", "Drift of an event file against an exported model's "
+                      "reference (its calibration data): PSI per input and output, over the "
+                      "whole file and per window, with plots, in an HTML page.",
+                      "fintwin monitor --repo model_repository --model twin --events "
+                      "events.csv --out drift/", _monitor)
+    parser.add_argument("--repo", type=Path, required=True, help="exported model repository")
+    parser.add_argument("--model", default="fintwin", help="model NAME (outputs from NAME_live)")
+    parser.add_argument("--events", required=True, help="CSV / Parquet file or directory")
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--window", default="M", help="pandas period of the windows: M, W, D")
+    parser.add_argument("--watch", type=float, default=0.1, help="PSI level worth watching")
+    parser.add_argument("--act", type=float, default=0.25, help="PSI level worth acting on")
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report, _add_live]
+    _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report, _add_live,
+    _add_monitor]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ def metrics_json(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return json.dumps(clean, indent=2, allow_nan=False) + "\n"
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -188,7 +188,7 @@ def write_report(
         calibration_figure(aligned, actual),
         spend_decile_figure(aligned, actual),
     )
-    images = {name: _png(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
+    images = {name: png_bytes(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
     write_atomic(out / "metrics.json", metrics_json(metrics))
     write_atomic(out / TRACKING_FILE, tracking.to_csv(index_label="week_end"))
     for name, png in images.items():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,34 +14,26 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from fintwin.cli import main
 from fintwin.live.triton_model import STATE_STORE_ENV
 from fintwin.monitor.drift import REFERENCE_KEY
 from fintwin.monitor.metrics import DRIFT_REFRESH_S, exported_names
 from fintwin.serving.client import TwinClient
 from fintwin.serving.server import EmbeddedTriton
 from tests.conftest import make_events
+from tests.monitor.conftest import LIVE, MODEL
 
 pytestmark = pytest.mark.slow  # one export and one server: about a minute
 
-MODEL, LIVE = "twin", "twin_live"
 ROWS_PER_REQUEST = 8
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_checkpoint) -> Path:
-    repo = tmp_path_factory.mktemp("metrics") / "repo"
-    assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo), "--name", MODEL]) == 0
-    return repo
-
-
-@pytest.fixture(scope="module")
-def server(repo, tmp_path_factory) -> Iterator[EmbeddedTriton]:
+def server(monitored_repo, tmp_path_factory) -> Iterator[EmbeddedTriton]:
     """The embedded server (metrics on a free loopback port), states in a file of this test."""
     store = tmp_path_factory.mktemp("states") / "twins.db"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(STATE_STORE_ENV, f"sqlite:///{store}")
-        with EmbeddedTriton(repo, startup_timeout_s=120) as running:
+        with EmbeddedTriton(monitored_repo, startup_timeout_s=120) as running:
             yield running
 
 
@@ -79,7 +70,7 @@ def send(client: httpclient.InferenceServerClient, rows: pd.DataFrame) -> list[b
     return list(result.as_numpy("status").reshape(-1))
 
 
-def test_scraped_metrics_count_what_was_served(server, repo):
+def test_scraped_metrics_count_what_was_served(server, monitored_repo):
     events = make_events(n_customers=4, seed=3).sort_values("timestamp", kind="stable")
     events = events.head(40).reset_index(drop=True)
     client = httpclient.InferenceServerClient(server.http_url)
@@ -106,7 +97,7 @@ def test_scraped_metrics_count_what_was_served(server, repo):
     assert value(samples, "fintwin_state_store_seconds_count", operation="apply", **live) == 5
     assert value(samples, "fintwin_state_store_seconds_sum", operation="apply", **live) > 0
     assert value(samples, "fintwin_drift_window_events", **live) == 40
-    reference = pd.read_json(repo / LIVE / "1" / "fintwin.json", typ="series")[REFERENCE_KEY]
+    reference = pd.read_json(monitored_repo / LIVE / "1" / "fintwin.json", typ="series")[REFERENCE_KEY]
     psi = {name: value(samples, "fintwin_drift_psi", feature=name, **live)
            for name in reference["binnings"] if name != "activity_90d"}
     assert set(psi) >= {"event_type", "amount", "gap_days", "churn_prob", "horizon_spend"}
