@@ -36,8 +36,7 @@ SHARE_FLOOR = 1e-4
 NUMERIC_BINS = 10
 ACTIVITY_DAYS = 90
 CATEGORICAL, NUMERIC = "categorical", "numeric"
-EVENT_FEATURES = ("event_type", "amount", "gap_days", "day_of_week", "day_of_month", "hour")
-CUSTOMER_FEATURES = ("history_length", "activity_90d")
+FEATURISED = ("event_type", "amount", "day_of_week", "day_of_month", "hour")  # as featurised
 OUTPUTS = ("churn_prob", "horizon_spend")
 CATEGORY_COUNTS = {"day_of_week": 7, "hour": 24}
 
@@ -196,8 +195,7 @@ def drift_values(customer_ids: np.ndarray, timestamps_ns: np.ndarray,
     gap = np.asarray(features["delta_t"], dtype=np.float64).copy()
     gap[position == 0] = np.nan
     return {
-        **{name: features[name] for name in ("event_type", "amount", "day_of_week",
-                                             "day_of_month", "hour")},
+        **{name: features[name] for name in FEATURISED},
         "gap_days": gap,
         "history_length": position + 1,
         "activity_90d": _recent_events(timestamps_ns, starts, counts),

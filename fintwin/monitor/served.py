@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 from fintwin.data.schema import EventValidationError
-from fintwin.monitor.drift import OUTPUTS, REFERENCE_KEY, Reference, SlidingWindow, Thresholds
+from fintwin.monitor.drift import (
+    FEATURISED,
+    OUTPUTS,
+    REFERENCE_KEY,
+    Reference,
+    SlidingWindow,
+    Thresholds,
+)
 from fintwin.monitor.metrics import ModelMetrics, TritonSink
 
 WINDOW_PARAMETER, WATCH_PARAMETER, ACT_PARAMETER = "drift_window_events", "drift_watch", "drift_act"
 DEFAULT_WINDOW_EVENTS = 10_000
 WINDOW_SLOTS = 10
-INPUT_FEATURES = ("event_type", "amount", "day_of_week", "day_of_month", "hour")
 
 
 def parameter(config: Mapping, name: str, default: float) -> float:
@@ -61,7 +67,7 @@ def applied_values(features: Mapping[str, np.ndarray], status: np.ndarray, seq: 
     """Watched values of the applied events of a live batch: its per-event ``features``
     (``EventBatch.features``) and the answers (``Answers`` fields, in the batch's order)."""
     applied = status == "applied"
-    values = {name: features[name][applied] for name in INPUT_FEATURES}
+    values = {name: features[name][applied] for name in FEATURISED}
     values["gap_days"] = gap_days[applied]
     values["history_length"] = seq[applied]
     values |= {name: outputs[name][applied].reshape(-1) for name in OUTPUTS if name in outputs}

@@ -1,9 +1,15 @@
 """fintwin's metrics on the real embedded Triton's metrics endpoint, next to Triton's own,
-parsed with prometheus_client's parser after live events, a bad request and a batch scoring."""
+parsed with prometheus_client's parser after live events, a bad request and a batch scoring;
+and Debian's prometheus scraping that endpoint with serve/prometheus.yml's settings."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
@@ -11,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tritonclient.http as httpclient
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -18,9 +25,10 @@ from fintwin.live.triton_model import STATE_STORE_ENV
 from fintwin.monitor.drift import REFERENCE_KEY
 from fintwin.monitor.metrics import DRIFT_REFRESH_S, exported_names
 from fintwin.serving.client import TwinClient
-from fintwin.serving.server import EmbeddedTriton
+from fintwin.serving.server import EmbeddedTriton, free_ports
 from tests.conftest import make_events
 from tests.monitor.conftest import LIVE, MODEL
+from tests.monitor.test_dashboards import SERVE, dashboard_metrics
 
 pytestmark = pytest.mark.slow  # one export and one server: about a minute
 
@@ -111,3 +119,63 @@ def test_scraped_metrics_count_what_was_served(server, monitored_repo):
     # Triton's own metrics are on the same endpoint (the parser names counter samples *_total)
     assert value(samples, "nv_inference_request_success_total", model=LIVE, version="1") == 5
     assert {name for name, _ in samples if name.startswith("fintwin_")} <= exported_names()
+    triton = {name.removesuffix("_total") for name, _ in samples if name.startswith("nv_")}
+    asked = {name for name in dashboard_metrics() if name.startswith("nv_")}
+    assert asked <= triton, asked - triton  # the dashboard's Triton metrics exist
+
+
+def test_prometheus_scrapes_the_server_and_answers_a_fintwin_query(server, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        events = make_events(n_customers=2, seed=7).head(8).assign(customer_id="prom-c1")
+        send(client, events.sort_values("timestamp"))
+    finally:
+        client.close()
+    query = f'sum(fintwin_events_total{{model="{LIVE}",outcome="applied"}})'
+    served = sum(v for (name, labels), v in scrape(server).items()
+                 if name == "fintwin_events_total" and ("outcome", "applied") in labels
+                 and ("model", LIVE) in labels)
+    config = yaml.safe_load((SERVE / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [server.metrics_url.split("/")[2]]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_ports("127.0.0.1", 1)[0]
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        answer = poll_query(f"http://127.0.0.1:{port}", query, served, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert answer == served >= 8, (tmp_path / "prometheus.log").read_text()[-2000:]
+
+
+def poll_query(base: str, query: str, want: float, process: subprocess.Popen,
+               timeout_s: float = 60.0) -> float | None:
+    """The value of an instant ``query`` once it equals ``want`` (the last one seen after
+    ``timeout_s``; None when there was none)."""
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    seen, deadline = None, time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                result = json.loads(response.read())["data"]["result"]
+        except (urllib.error.URLError, OSError):
+            result = []
+        if result:
+            seen = float(result[0]["value"][1])
+            if seen == want:
+                return seen
+        time.sleep(0.5)
+    return seen
