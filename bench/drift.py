@@ -5,10 +5,12 @@ per event on the live serving path.
 Two small LSTM twins are trained (``python train.py``, ``--epochs`` epochs, hidden 32) and
 exported (``fintwin export``: the reference is their calibration events):
 
-- Synthetic bank (1,000 customers, max_len 64, calibration to 2023-09-30). Compared over the
-  calibration months: a fresh draw of the same world (another seed: should not be flagged), the same world
-  with cash withdrawals more likely (+1 on their type logit in every segment) and with a new
-  segment mix (small businesses 70% instead of 20%); then the base world's holdout months.
+- Synthetic bank (1,000 customers, max_len 64, calibration to 2023-09-30). Compared over
+  the calibration months: a fresh draw of the same world (another seed: should not be
+  flagged), the same world with cash withdrawals more likely (+1 and +2 on their type logit
+  in every segment: their share of events goes from 9% to 20% and 36%) and with a new segment
+  mix (small businesses 70% instead of 20%); then the base world per quarter, the last one
+  the holdout.
 - CDNOW (calibration weeks 1-39, to 1997-09-30): the PSI of every month from January 1997 to
   June 1998 against the calibration reference (``fintwin monitor --window M``).
 
@@ -19,7 +21,7 @@ events' watched values binned into the sliding window, ``ModelMetrics.observe_dr
 the gauge refresh), and the refresh (PSI of every quantity and the drifted counts) that a
 served model runs at most once a second. Both models step the same events, interleaved.
 
-Run:  python bench/drift.py [--epochs 1] [--out outputs/drift]
+Run:  python bench/drift.py [--epochs 1] [--out outputs/drift] [--parts synthetic cost cdnow]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CUSTOMERS = 1000
 SYNTHETIC_CUTOFF, CDNOW_CUTOFF = "2023-09-30", "1997-09-30"
 COST_EVENTS = 4096
+PARTS = ("synthetic", "cost", "cdnow")
 
 
 def train_and_export(name: str, overrides: list[str], out: Path, epochs: int) -> Path:
@@ -74,9 +77,10 @@ def world(**changes) -> SimulatorConfig:
     return SimulatorConfig(n_customers=SYNTHETIC_CUSTOMERS, **changes)
 
 
-def more_cash(config: SimulatorConfig) -> SimulatorConfig:
+def more_cash(config: SimulatorConfig, logit: float) -> SimulatorConfig:
+    """``config`` with ``logit`` added to the cash withdrawals' type logit in every segment."""
     cash = EVENT_TYPES.index("cash_withdrawal")
-    config.type_logits = [[v + 1.0 * (j == cash) for j, v in enumerate(row)]
+    config.type_logits = [[v + logit * (j == cash) for j, v in enumerate(row)]
                           for row in config.type_logits]
     return config
 
@@ -102,13 +106,14 @@ def synthetic(out: Path, epochs: int, console: Console) -> Path:
     end = pd.Timestamp(SYNTHETIC_CUTOFF) + pd.Timedelta(days=1)
     worlds = {
         "same world, new draw": world(seed=1),
-        "more cash withdrawals": more_cash(world(seed=1)),
+        "cash logit +1": more_cash(world(seed=1), 1.0),
+        "cash logit +2": more_cash(world(seed=1), 2.0),
         "new segment mix": world(seed=1, segment_prior=[0.1, 0.1, 0.1, 0.7]),
     }
     columns, thresholds = {}, Thresholds()
     for label, config in worlds.items():
         events = simulate(config)
-        path = out / "synthetic" / f"{label.replace(' ', '_').replace(',', '')}.parquet"
+        path = out / "synthetic" / f"{''.join(c if c.isalnum() else '_' for c in label)}.parquet"
         events[events["timestamp"] < end].to_parquet(path, index=False)
         report = monitor(repo, "bank", str(path), path.with_suffix(""), "M", thresholds)
         columns[label] = report.overall
@@ -190,8 +195,9 @@ def cost(repo: Path, console: Console) -> None:
     events = events[events["timestamp"] > pd.Timestamp(SYNTHETIC_CUTOFF)].head(COST_EVENTS)
     table = Table(title=f"Drift histograms on the live path, in process ({COST_EVENTS:,} "
                   "synthetic events in time order, SQLite states, 1 onnxruntime thread)")
-    for column in ("events per request", "live step, us/event", "values picked, us/event",
-                   "binned into the window, us/event", "drift / step", "PSI refresh (1/s), ms"):
+    for column in ("events per request", "live step, us/event", "step graph alone, us/event",
+                   "values picked, us/event", "binned into the window, us/event",
+                   "drift / live step", "drift / graph", "PSI refresh (1/s), ms"):
         table.add_column(column, justify="right")
     for size in (1, 64):
         batches = requests(events, size)
@@ -207,12 +213,15 @@ def cost(repo: Path, console: Console) -> None:
                 step_s += time.perf_counter() - started
                 watched.answer([batch])  # interleaved: both see the same events and load
             values_us = time_values(plain.twins.spec, plain.twins.graph.outputs, batches)
+            graph_us = time_graph(plain.twins, batches)
             refresh = time_refresh(drift.drift)
             for store in stores:
                 store.close()
         step_us, binned_us = step_s * 1e6 / len(events), drift.seconds * 1e6 / len(events)
-        table.add_row(str(size), f"{step_us:.1f}", f"{values_us:.2f}", f"{binned_us:.2f}",
-                      f"{(values_us + binned_us) / step_us:.1%}", f"{refresh * 1e3:.2f}")
+        drift_us = values_us + binned_us
+        table.add_row(str(size), f"{step_us:.1f}", f"{graph_us:.1f}", f"{values_us:.2f}",
+                      f"{binned_us:.2f}", f"{drift_us / step_us:.1%}", f"{drift_us / graph_us:.1%}",
+                      f"{refresh * 1e3:.2f}")
     console.print(table)
 
 
@@ -232,6 +241,21 @@ def time_values(spec, outputs, batches: list[dict[str, np.ndarray]]) -> float:
     return total / events * 1e6
 
 
+def time_graph(twins, batches: list[dict[str, np.ndarray]]) -> float:
+    """Microseconds per event of the step graph alone (onnxruntime, from zero states)."""
+    total, events = 0.0, 0
+    for request in batches:
+        batch = read_events({k: v.reshape(-1) for k, v in request.items()}, twins.spec)
+        states = {spec.name: np.zeros((len(batch), *spec.shape), spec.dtype)
+                  for spec in twins.layout.fields}
+        features = {name: batch.features[name] for name in (*twins.graph.event_inputs, "delta_t")}
+        started = time.perf_counter()
+        twins.run(features, states)
+        total += time.perf_counter() - started
+        events += len(batch)
+    return total / events * 1e6
+
+
 def time_refresh(window: SlidingWindow, repeats: int = 50) -> float:
     started = time.perf_counter()
     for _ in range(repeats):
@@ -243,13 +267,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "drift")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run (cost needs the synthetic twin)")
     args = parser.parse_args()
     console = Console(width=200)
     console.print(f"{time.strftime('%Y-%m-%d %H:%M')} | {machine()} | load average "
                   f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    repo = synthetic(args.out, args.epochs, console)
-    cost(repo, console)
-    cdnow(args.out, args.epochs, console)
+    if {"synthetic", "cost"} & set(args.parts):
+        repo = synthetic(args.out, args.epochs, console)
+        if "cost" in args.parts:
+            cost(repo, console)
+    if "cdnow" in args.parts:
+        cdnow(args.out, args.epochs, console)
 
 
 if __name__ == "__main__":

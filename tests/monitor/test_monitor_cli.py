@@ -72,3 +72,14 @@ def test_bad_monitor_input_exits_2_naming_the_problem(monitored_repo, events_csv
     assert main(["monitor", "--repo", str(bare), "--model", MODEL, *args]) == 2
     assert "holds no drift reference" in capsys.readouterr().err
     assert (bare / LIVE).is_dir()
+
+
+def test_export_with_unreadable_reference_data_exits_2_and_writes_nothing(
+        tiny_checkpoint, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    missing = tmp_path / "missing.csv"
+    assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo),
+                 "--reference-data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--reference-data {missing}" in err and "Traceback" not in err
+    assert not repo.exists()
