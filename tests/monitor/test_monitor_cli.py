@@ -83,3 +83,16 @@ def test_export_with_unreadable_reference_data_exits_2_and_writes_nothing(
     err = capsys.readouterr().err
     assert f"--reference-data {missing}" in err and "Traceback" not in err
     assert not repo.exists()
+
+
+def test_without_a_live_model_only_the_inputs_are_compared(monitored_repo, calibration,
+                                                           tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(monitored_repo / MODEL, repo / MODEL)
+    calibration.to_csv(tmp_path / "calibration.csv", index=False)
+    out = tmp_path / "report"
+    assert main(["monitor", "--repo", str(repo), "--model", MODEL, "--events",
+                 str(tmp_path / "calibration.csv"), "--out", str(out)]) == 0
+    overall = json.loads((out / "drift.json").read_text())["overall"]
+    assert {"event_type", "amount", "gap_days", "history_length"} <= set(overall)
+    assert not set(OUTPUTS) & set(overall)
