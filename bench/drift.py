@@ -150,6 +150,12 @@ def cdnow(out: Path, epochs: int, console: Console) -> None:
                       *(f"{v:.3f}" for v in values),
                       str(sum(v >= thresholds.watch for v in values if np.isfinite(v))))
     console.print(table)
+    end = pd.Timestamp(CDNOW_CUTOFF) + pd.Timedelta(days=1)
+    pooled = {"calibration (to 1997-09-30)": report.period_psi("1997-01-01", end),
+              "holdout (1997-10 to 1998-06)": report.period_psi(end, "1998-07-01"),
+              "calibration, from 1997-04": report.period_psi("1997-04-01", end)}
+    console.print(psi_table("CDNOW: PSI of the calibration and holdout periods pooled vs the "
+                            "calibration reference", pooled, thresholds))
 
 
 def requests(events: pd.DataFrame, size: int) -> list[dict[str, np.ndarray]]:

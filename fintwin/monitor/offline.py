@@ -49,6 +49,15 @@ class DriftReport:
     overall: dict[str, float]
     counts: dict[str, np.ndarray]
     windows: pd.DataFrame
+    values: dict[str, np.ndarray]  # watched values per event
+    timestamps: np.ndarray
+
+    def period_psi(self, start: str | pd.Timestamp, end: str | pd.Timestamp) -> dict[str, float]:
+        """PSI per quantity of the events from ``start`` (inclusive) to ``end`` (exclusive)."""
+        inside = ((self.timestamps >= pd.Timestamp(start).to_datetime64())
+                  & (self.timestamps < pd.Timestamp(end).to_datetime64()))
+        return self.reference.psi(self.reference.counts(
+            {name: value[inside] for name, value in self.values.items()}))
 
     def levels(self) -> dict[str, str]:
         return {name: self.thresholds.level(value) for name, value in self.overall.items()}
@@ -77,7 +86,8 @@ def drift_report(reference: Reference, values: dict[str, np.ndarray], timestamps
         windows = windowed_psi(reference, values, timestamps, window)
     except ValueError as exc:
         raise FintwinInputError(f"--window {window!r}: not a pandas period alias ({exc})") from None
-    return DriftReport(reference, thresholds, reference.psi(counts), counts, windows)
+    return DriftReport(reference, thresholds, reference.psi(counts), counts, windows, values,
+                       timestamps)
 
 
 def monitor(repo: Path, model: str, events: str, out: Path, window: str = "M",
