@@ -118,7 +118,8 @@ def monitor(repo: Path, model: str, events: str, out: Path, window: str = "M",
                 twins.store.close()
     timestamps = table["timestamp"].to_numpy("datetime64[ns]")
     report = drift_report(reference, values, timestamps, window, thresholds)
-    write_report(report, Path(out), f"{model} version {version}", str(events))
+    write_report(report, Path(out), f"{model} version {version}", str(events),
+                 {"event_type": [str(label) for label in spec.vocab.labels()]})
     return report
 
 
@@ -136,7 +137,9 @@ def psi_figure(report: DriftReport) -> Figure:
     return fig
 
 
-def histogram_figure(report: DriftReport) -> Figure:
+def histogram_figure(report: DriftReport, labels: dict[str, list[str]]) -> Figure:
+    """Reference vs current shares per bin; ``labels``: bin names of categorical quantities
+    (e.g. the event types) instead of their ids."""
     names = list(report.counts)
     columns = 3
     rows = max(1, math.ceil(len(names) / columns))
@@ -150,7 +153,7 @@ def histogram_figure(report: DriftReport) -> Figure:
         ax.bar(x - 0.2, binning.shares, width=0.4, label="reference")
         ax.bar(x + 0.2, current, width=0.4, label="current")
         ax.set_title(f"{name}: PSI {report.overall[name]:.3f}", fontsize=9)
-        ax.set_xticks(x, binning.labels(), rotation=60, fontsize=6)
+        ax.set_xticks(x, labels.get(name, binning.labels()), rotation=60, fontsize=6)
     for ax in axes[len(names):]:
         ax.set_axis_off()
     axes[0].legend(fontsize=7)
@@ -229,10 +232,11 @@ def report_html(report: DriftReport, model: str, events: str, images: dict[str, 
                         overall=overall, windows=windows, images=figures)
 
 
-def write_report(report: DriftReport, out: Path, model: str, events: str) -> Path:
+def write_report(report: DriftReport, out: Path, model: str, events: str,
+                 labels: dict[str, list[str]] | None = None) -> Path:
     """Write the files of the module docstring to ``out``; return index.html's path."""
-    images = {name: png_bytes(figure) for name, figure in
-              zip(PLOTS, (psi_figure(report), histogram_figure(report)), strict=True)}
+    figures = (psi_figure(report), histogram_figure(report, labels or {}))
+    images = {name: png_bytes(figure) for name, figure in zip(PLOTS, figures, strict=True)}
     write_atomic(out / "drift.json", json.dumps(report_json(report), indent=2) + "\n")
     write_atomic(out / "psi_windows.csv", report.windows.to_csv(index_label="window"))
     for name, png in images.items():
