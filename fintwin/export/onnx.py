@@ -160,19 +160,22 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
 @dataclass(frozen=True)
 class Exported:
     """Versions written by ``export_to_repository`` and their parity reports (``live_version``
-    and ``step_report`` None without the live model)."""
+    and ``step_report`` None without the live model, ``explain_version`` without the
+    explanation model)."""
 
     version: int
     report: ParityReport
     live_version: int | None = None
     step_report: ParityReport | None = None
+    explain_version: int | None = None
 
 
 def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
-                         live: bool = True, **triton_options) -> Exported:
+                         live: bool = True, explain: bool = True, **triton_options) -> Exported:
     """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>`` and, with
     ``live``, of its live model ``<repo>/<name>_live`` (the parity-checked step graph run by a
-    python-backend model, ``fintwin.live.repository``).
+    python-backend model, ``fintwin.live.repository``) and, with ``explain``, of its
+    explanation model ``<repo>/<name>_explain`` (``fintwin.explain.serving``).
 
     Both graphs are exported and checked before the repository is touched. A write that fails
     (full disk, read-only file system) raises FintwinInputError naming the path and the cause;
@@ -197,10 +200,17 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
         metadata = export_metadata(twin, ckpt, report)
         version = write_model_version(repo, name, onnx_path, metadata, device=device,
                                       **triton_options)
+        explain_version = None
+        if explain:
+            from fintwin.explain.serving import write_explain_model
+
+            explain_version = write_explain_model(
+                repo, name, twin.model, twin.spec, metadata, Path(scratch),
+                instances=triton_options.get("instances", 1))
         if not live:
-            return Exported(version, report)
+            return Exported(version, report, explain_version=explain_version)
         batching = {k: v for k, v in triton_options.items()
                     if k in ("max_batch_size", "max_queue_delay_us", "instances")}
         live_version = write_live_model(repo, name, twin.spec, step_graph,
                                         live_metadata(metadata, step), Path(scratch), **batching)
-    return Exported(version, report, live_version, step_report)
+    return Exported(version, report, live_version, step_report, explain_version)
