@@ -56,7 +56,7 @@ SILENCE_OUTPUTS = ("horizon_count", "horizon_spend")  # the outputs that read th
 UNATTRIBUTABLE = {"next_time_quantiles": "the quantiles are found by bisection, a step function "
                   "of the inputs without gradients; explain next_time_mean instead"}
 RTOL = 1e-3
-START_STEPS = 16
+START_STEPS = 8
 MAX_STEPS = 512
 MAX_POSITIONS = 1 << 16  # interpolated rows x events per forward (memory bound)
 TOP_TYPE = -1  # output index: each customer's most probable next event type

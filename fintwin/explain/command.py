@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         raise FintwinInputError("give exactly one of --ckpt PATH or --repo DIR (with --model NAME)")
     if args.out.suffix not in (".parquet", ".json"):
         raise FintwinInputError(f"--out {args.out}: expected a .parquet or .json file")
-    options = {"start_steps": args.steps}
+    options = {} if args.steps is None else {"start_steps": args.steps}
     explainer = (Explainer.from_checkpoint(args.ckpt, **options) if args.ckpt is not None
                  else Explainer.from_repository(args.repo, args.model, args.version, **options))
     explanations = explainer.explain(args.events, args.output, args.customers, args.top,
@@ -54,7 +54,7 @@ def add_explain(sub: argparse._SubParsersAction,
     parser.add_argument("--top", type=int, default=4, help="reasons per customer")
     parser.add_argument("--as-of", help="day the silence is counted to (default: the last day "
                         "in --events)")
-    parser.add_argument("--steps", type=int, default=16, help="first number of integration "
-                        "steps (doubled per customer until complete, up to 512)")
+    parser.add_argument("--steps", type=int, help="first number of integration steps (default "
+                        "8; doubled per customer until complete, up to 512)")
     parser.add_argument("--out", type=Path, required=True, help="output .parquet or .json")
     parser.add_argument("--html", type=Path, help="directory for one HTML page per customer")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from fintwin.data.features import OOV_ID, PAD_ID
+from fintwin.data.features import OOV_ID
 
 WINDOWS = ((30.0, "in the last 30 days"), (90.0, "31-90 days ago"), (np.inf, "more than 90 days ago"))
 TOP_REASONS = 4
@@ -86,16 +86,33 @@ def _day(value) -> str:
     return str(pd.Timestamp(value).date())
 
 
+def days_text(days: float) -> str:
+    """``0.4 days``, ``1 day``, ``45 days``."""
+    if round(days, 1) == 1:
+        return "1 day"
+    return f"{days:.1f} days" if days < 10 else f"{days:.0f} days"
+
+
 def _window_of(days_before: np.ndarray) -> np.ndarray:
     """Index into ``WINDOWS`` of each event's days before the as-of instant."""
     return np.searchsorted([limit for limit, _ in WINDOWS[:-1]], days_before, side="left")
 
 
+def _columns(events: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """Timestamps (datetime64[ns]), types, amounts, gaps and type ids as numpy arrays."""
+    return (events["timestamp"].to_numpy("datetime64[ns]"), events["event_type"].to_numpy(object),
+            events["amount"].to_numpy(np.float64), events["gap_days"].to_numpy(np.float64),
+            events["type_id"].to_numpy())
+
+
+def _days(later: np.datetime64, earlier: np.ndarray | np.datetime64) -> np.ndarray:
+    return (later - earlier) / np.timedelta64(1, "D")
+
+
 def event_groups(data: CustomerAttributions) -> list[tuple[str, str, float]]:
     """``events`` and ``pace`` groups: (kind, text, contribution)."""
-    events = data.events
-    days_before = (data.as_of - events["timestamp"]).dt.total_seconds().to_numpy() / 86_400
-    window = _window_of(days_before)
+    times, types, amounts, gaps, _ = _columns(data.events)
+    window = _window_of(_days(data.as_of.to_datetime64(), times))
     content = [i for i, name in enumerate(data.fields) if name != "gap"]
     own = data.attributions[:, content].sum(axis=1)
     gap = data.attributions[:, data.fields.index("gap")]
@@ -104,50 +121,46 @@ def event_groups(data: CustomerAttributions) -> list[tuple[str, str, float]]:
         inside = window == w
         if not inside.any():
             continue
-        for event_type in pd.unique(events["event_type"][inside]):
-            rows = inside & (events["event_type"] == event_type).to_numpy()
-            count, total = int(rows.sum()), float(events["amount"][rows].sum())
+        for event_type in pd.unique(types[inside]):
+            rows = inside & (types == event_type)
+            count, total = int(rows.sum()), float(amounts[rows].sum())
             text = f"{count} {noun(event_type, count)} {label}"
             if total > 0:
                 text += f" ({total:,.2f} in total)"
             groups.append(("events", text, float(own[rows].sum())))
-        groups.append(("pace", _pace_text(events, inside, gap, label), float(gap[inside].sum())))
+        groups.append(("pace", _pace_text(times, gaps, inside, gap, label), float(gap[inside].sum())))
     return groups
 
 
-def _pace_text(events: pd.DataFrame, inside: np.ndarray, gap: np.ndarray, label: str) -> str:
+def _pace_text(times: np.ndarray, gaps: np.ndarray, inside: np.ndarray, gap: np.ndarray,
+               label: str) -> str:
     """Names the one gap holding most of the window's gap contribution, else the window's pace."""
     index = np.flatnonzero(inside)
     largest = index[np.argmax(np.abs(gap[index]))]
     if abs(gap[largest]) >= DOMINANT_SHARE * np.abs(gap[index]).sum() and largest > 0:
-        days = float(events["gap_days"].iloc[largest])
-        return f"a gap of {days:.0f} days before {_day(events['timestamp'].iloc[largest])}"
-    gaps = events["gap_days"].to_numpy()[index]
-    gaps = gaps[index > 0]
-    median = f", a median gap of {np.median(gaps):.1f} days" if len(gaps) else ""
+        return f"a gap of {days_text(gaps[largest])} before {_day(times[largest])}"
+    between = gaps[index[index > 0]]
+    median = f", a median gap of {days_text(np.median(between))}" if len(between) else ""
     return f"{len(index)} events {label}{median}"
 
 
 def recency_groups(data: CustomerAttributions) -> list[tuple[str, str, float]]:
-    """``recency`` groups: one per event type the model knows (and unknown types)."""
+    """``recency`` groups: one per event type of the history (types never seen contribute
+    nothing, as in the reference)."""
     if data.recency is None:
         return []
-    events = data.events
-    last_time = events["timestamp"].iloc[-1]
+    times, _, _, _, type_ids = _columns(data.events)
+    last_time = times[-1]
     groups = []
-    for type_id, contribution in enumerate(data.recency):
-        if type_id == PAD_ID:
-            continue
+    for type_id in pd.unique(type_ids):
         label = "event of an unknown type" if type_id == OOV_ID else noun(data.type_labels[type_id], 1)
-        seen = events["timestamp"][(events["type_id"] == type_id).to_numpy()]
-        if seen.empty:  # as in the reference: contributes nothing
-            continue
-        if seen.iloc[-1] == last_time:
+        seen = times[type_ids == type_id][-1]
+        if seen == last_time:
             text = f"a {label} as the latest event ({_day(last_time)})"
         else:
-            days = (last_time - seen.iloc[-1]).total_seconds() / 86_400
-            text = f"no {label} since {_day(seen.iloc[-1])} ({days:.0f} days before the last event)"
-        groups.append(("recency", text, float(contribution)))
+            text = (f"no {label} since {_day(seen)} ({days_text(_days(last_time, seen))} before "
+                    "the last event)")
+        groups.append(("recency", text, float(data.recency[type_id])))
     return groups
 
 
@@ -174,7 +187,7 @@ def rank_reasons(data: CustomerAttributions, top: int = TOP_REASONS) -> list[Rea
                for name, value in data.summary.items()]
     if data.silence != 0.0:
         silent = (data.as_of - data.events["timestamp"].iloc[-1]).total_seconds() / 86_400
-        groups.append(("silence", f"silence of {silent:.0f} days since "
+        groups.append(("silence", f"silence of {days_text(silent)} since "
                        f"{_day(data.events['timestamp'].iloc[-1])}", data.silence))
     order = sorted(range(len(groups)), key=lambda i: -abs(groups[i][2]))[:top]
     return [Reason(rank, *groups[i]) for rank, i in enumerate(order, start=1)]

@@ -41,7 +41,7 @@ def test_attributions_add_up_to_prediction_minus_reference(encoder, output, rich
     gap = result.prediction - result.reference
     assert np.all(np.abs(gap) > 0)
     np.testing.assert_allclose(result.total(), gap, rtol=1e-3, atol=0)
-    assert result.converged().all() and np.all(result.steps >= 16)
+    assert result.converged().all() and np.all(result.steps >= 8)
     padded = ~(np.arange(batch["event_type"].shape[1])[None, :] < sequences.lengths[:, None])
     assert padded.any() and not result.events[padded].any()
     if output not in ("horizon_spend", "horizon_count"):  # only the horizon reads the silence

@@ -71,11 +71,11 @@ def test_groups_add_up_to_every_attribution():
     total = (customer.attributions.sum() + customer.recency.sum() + sum(customer.summary.values())
              + customer.silence)
     assert sum(r.contribution for r in reasons) == pytest.approx(total)
-    assert reasons[0].text == "silence of 7 days since 2024-05-25"
+    assert reasons[0].text == "silence of 7.0 days since 2024-05-25"
     texts = [r.text for r in reasons]
     assert "4 card payments 31-90 days ago (160.00 in total)" in texts  # by window
     assert "4 card payments more than 90 days ago (160.00 in total)" in texts
-    assert "7 events more than 90 days ago, a median gap of 10.0 days" in texts
+    assert "7 events more than 90 days ago, a median gap of 10 days" in texts
     assert "a customer for 145 days (since 2024-01-01)" in texts
 
 
