@@ -9,8 +9,8 @@ reasons); and the explanation model served by the embedded Triton (gRPC round tr
 events to reasons; both models in one repository). p50 / p90 over ``--repeats`` calls.
 
 Faithfulness: an LSTM twin is trained on a synthetic bank of 1,500 customers (2 epochs) and
-on CDNOW's sample (8 epochs) with ``train.py`` (reused when ``--out`` holds the run). For ``--customers`` customers
-with at least 8 events before the cut-off, explained as of the cut-off, each customer's k
+on CDNOW's sample (8 epochs) with ``train.py`` (reused when ``--out`` holds the run). For
+``--customers`` customers with at least 8 events before the cut-off, explained as of the cut-off, each customer's k
 events with the largest |attribution| are deleted (k = 1..5) and the history scored again;
 likewise k random events (``RANDOM_DRAWS`` draws). Cells: mean |change of the output| when
 deleting the top-k / k random events, and their ratio (target >= 2x).
@@ -19,7 +19,8 @@ Drivers (synthetic bank, ``churn_prob``): the simulator's next gap, hence churn,
 the last event's type (``gap_log_shift``), on weekends (``weekend_gap_shift``) and with the
 days since the last salary (the payday effect fades, ``payday_gap_shift``). Agreement:
 Spearman correlation of the mean attribution of the last event's type with
-``gap_log_shift`` over the event types; the last event's calendar attribution on weekends
+``gap_log_shift`` over the event types, pooled and within each true segment (a type also
+tells the segment, whose gaps and dormancy differ); the last event's calendar attribution on weekends
 minus on weekdays (expected > 0); Spearman correlation of the salary-recency attribution with
 the days since the last salary (expected > 0).
 
@@ -50,7 +51,7 @@ from scipy.stats import spearmanr
 
 from fintwin.data.features import FeaturiserSpec, Scaling, Vocab
 from fintwin.data.sequences import calibration_events
-from fintwin.data.simulator import EVENT_TYPES, SimulatorConfig
+from fintwin.data.simulator import EVENT_TYPES, SimulatorConfig, customer_segments
 from fintwin.explain.attribution import Attributor, parse_output
 from fintwin.explain.explainer import Explainer
 from fintwin.explain.serving import explain_model_name, explain_served, write_explain_model
@@ -204,14 +205,21 @@ def deletion_curve(explainer: Explainer, events: pd.DataFrame, explanations, out
 def drivers(explanations) -> list[tuple[str, str, str]]:
     """Agreement of churn_prob's attributions with the simulator's drivers (module doc)."""
     shift = dict(zip(EVENT_TYPES, WORLD.gap_log_shift, strict=True))
+    segments = customer_segments(WORLD)
     last = pd.DataFrame([
         {"type": e.events["event_type"].iloc[-1], "attr_type": e.events["attr_type"].iloc[-1],
          "weekend": e.events["timestamp"].iloc[-1].dayofweek >= 5,
          "attr_calendar": e.events["attr_calendar"].iloc[-1],
-         "since_salary": _since_salary(e.events), "attr_salary": e.history.get("recency:salary")}
+         "since_salary": _since_salary(e.events), "attr_salary": e.history.get("recency:salary"),
+         "segment": segments[e.customer_id]}
         for e in explanations])
     per_type = last.groupby("type")["attr_type"].mean()
     rho_type = spearmanr(per_type.to_numpy(), [shift[t] for t in per_type.index]).statistic
+    within = []  # the same within each true segment (the type also reveals the segment)
+    for _, group in last.groupby("segment"):
+        means = group.groupby("type")["attr_type"].mean()
+        if len(means) >= 3:
+            within.append(spearmanr(means.to_numpy(), [shift[t] for t in means.index]).statistic)
     weekend = last.groupby("weekend")["attr_calendar"].mean()
     salaried = last.dropna(subset=["since_salary"])
     rho_salary = spearmanr(salaried["since_salary"], salaried["attr_salary"]).statistic
@@ -219,6 +227,9 @@ def drivers(explanations) -> list[tuple[str, str, str]]:
         ("last event's type (gap_log_shift)",
          f"Spearman {rho_type:+.2f} over {len(per_type)} types",
          ", ".join(f"{t} {v:+.3f}" for t, v in per_type.sort_values().items())),
+        ("last event's type, within each true segment",
+         f"mean Spearman {np.nanmean(within):+.2f} over {len(within)} segments",
+         ", ".join(f"{rho:+.2f}" for rho in within)),
         ("last event on a weekend (weekend_gap_shift +0.4)",
          f"{weekend.get(True, np.nan) - weekend.get(False, np.nan):+.4f}",
          f"weekend {weekend.get(True, np.nan):+.4f}, weekday {weekend.get(False, np.nan):+.4f}"),

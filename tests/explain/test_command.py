@@ -90,3 +90,20 @@ def test_bad_sources_exit_2(explain_repo, events_file, tmp_path, capsys):
     assert explain("--repo", str(explain_repo), "--model", MODEL, "--events", events_file,
                    "--out", str(tmp_path / "reasons.csv")) == 2
     assert "expected a .parquet or .json file" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an ONNX export with its parity check
+def test_export_writes_the_explanation_model_of_the_checkpoint(tiny_checkpoint, events_csv,
+                                                                 tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo), "--name", "twin",
+                 "--no-live"]) == 0
+    assert sorted(p.name for p in (repo / "twin_explain" / "1").iterdir()) == [
+        "fintwin.json", "model.py", "twin.pt"]
+    documents = []
+    for source in (["--ckpt", str(tiny_checkpoint)], ["--repo", str(repo), "--model", "twin"]):
+        out = tmp_path / f"{len(documents)}.json"
+        assert explain(*source, "--events", events_csv, "--customers", "c004", "c007",
+                       "--output", "horizon_count", "--out", str(out)) == 0
+        documents.append(json.loads(out.read_text()))
+    assert documents[0] == documents[1]
