@@ -10,19 +10,22 @@ events to reasons; both models in one repository). p50 / p90 over ``--repeats`` 
 
 Faithfulness: an LSTM twin is trained on a synthetic bank of 1,500 customers (2 epochs) and
 on CDNOW's sample (8 epochs) with ``train.py`` (reused when ``--out`` holds the run). For
-``--customers`` customers with at least 8 events before the cut-off, explained as of the cut-off, each customer's k
-events with the largest |attribution| are deleted (k = 1..5) and the history scored again;
-likewise k random events (``RANDOM_DRAWS`` draws). Cells: mean |change of the output| when
-deleting the top-k / k random events, and their ratio (target >= 2x).
+``--customers`` customers with at least 8 events before the cut-off, explained as of the
+cut-off, each customer's k most attributed events are deleted (k = 1..5) and the history
+scored again; likewise k random events (``RANDOM_DRAWS`` draws). The top-k are ranked by |attribution|, and
+also ``signed``: by attribution in the direction of the events' net contribution (deleting
+events that push both ways partly cancels). Cells: mean |change of the output| when deleting
+the top-k / k random events, and their ratio (target >= 2x).
 
-Drivers (synthetic bank, ``churn_prob``): the simulator's next gap, hence churn, grows with
-the last event's type (``gap_log_shift``), on weekends (``weekend_gap_shift``) and with the
-days since the last salary (the payday effect fades, ``payday_gap_shift``). Agreement:
-Spearman correlation of the mean attribution of the last event's type with
+Drivers (synthetic bank, ``next_time_mean``: the expected next gap, whose log-median the
+simulator sets from the last event's type (``gap_log_shift``), a weekend (``weekend_gap_shift``
++0.4) and the days since the last salary (``payday_gap_shift`` -0.8, fading over 4 days); a
+30-day churn there is driven by the segments' dormancy instead, the gaps being days long).
+Agreement: Spearman correlation of the mean attribution of the last event's type with
 ``gap_log_shift`` over the event types, pooled and within each true segment (a type also
-tells the segment, whose gaps and dormancy differ); the last event's calendar attribution on weekends
-minus on weekdays (expected > 0); Spearman correlation of the salary-recency attribution with
-the days since the last salary (expected > 0).
+tells the segment, whose gaps differ); the last event's calendar attribution on weekends minus
+on weekdays (expected > 0); Spearman correlation of the salary-recency attribution with the
+days since the last salary (expected > 0: the payday shortening fades).
 
 Run from the repository root (the embedded server's models import fintwin from there):
       python bench/explain.py [--customers 100] [--repeats 20] [--out DIR]
@@ -54,7 +57,12 @@ from fintwin.data.sequences import calibration_events
 from fintwin.data.simulator import EVENT_TYPES, SimulatorConfig, customer_segments
 from fintwin.explain.attribution import Attributor, parse_output
 from fintwin.explain.explainer import Explainer
-from fintwin.explain.serving import explain_model_name, explain_served, write_explain_model
+from fintwin.explain.serving import (
+    explain_files,
+    explain_model_name,
+    explain_served,
+    write_explain_model,
+)
 from fintwin.models.checkpoint import load_twin
 from fintwin.models.module import QUANTILE_LEVELS, TwinModule
 from fintwin.serving.server import EmbeddedTriton
@@ -64,6 +72,7 @@ LENGTHS = (64, 256)
 KS = (1, 2, 3, 4, 5)
 RANDOM_DRAWS = 5
 MIN_EVENTS = 8
+DRIVEN_OUTPUT = "next_time_mean"  # the next gap: the output the simulator's gap factors drive
 SCALING = {"amount_mean": 3.5, "amount_std": 1.2, "delta_t_mean": 1.6, "delta_t_std": 1.0,
            "gap_log_mean": 0.5, "gap_log_std": 1.0}
 TRAIN = {  # about 300,000 synthetic events: two epochs suffice for a small demonstration
@@ -118,7 +127,7 @@ def latency_rows(repeats: int) -> list[list[str]]:
             metadata = {"featuriser": spec.to_dict(), "quantiles": list(QUANTILE_LEVELS)}
             work = Path(scratch) / encoder
             work.mkdir()
-            write_explain_model(repo, encoder, model, spec, metadata, work)
+            write_explain_model(repo, encoder, spec, metadata, explain_files(model, work))
             explainer, attributor = Explainer(model, spec), Attributor(model)
             selector = parse_output("churn_prob", spec)
             for length in LENGTHS:
@@ -177,16 +186,25 @@ def predictions(explainer: Explainer, events: pd.DataFrame, output: str, as_of: 
     return pd.Series(np.concatenate(values), index=sequences.customer_ids)
 
 
+def ranked_events(attributions: np.ndarray, ranking: str) -> np.ndarray:
+    """Event positions, most attributed first: by |attribution|, or ``signed``: by attribution
+    in the direction of the events' net contribution (deleting them moves the output one way)."""
+    if ranking == "signed":
+        return np.argsort(-np.sign(attributions.sum()) * attributions)
+    return np.argsort(-np.abs(attributions))
+
+
 def deletion_curve(explainer: Explainer, events: pd.DataFrame, explanations, output: str,
-                   as_of: str, seed: int = 0) -> dict[int, tuple[float, float]]:
-    """Per k: mean |change| deleting the top-k attributed events, and k random ones."""
+                   as_of: str, ranking: str, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Per k: mean |change| deleting the top-k attributed events (``ranked_events``), and k
+    random ones."""
     rng = np.random.default_rng(seed)
     by_customer = dict(tuple(events.groupby("customer_id", sort=False)))
     variants, kinds = [], {}
     for e in explanations:
         rows = by_customer[e.customer_id]
         kept = rows.index[-len(e.events):]  # the events the twin reads
-        order = np.argsort(-np.abs(e.events["attr_total"].to_numpy()))
+        order = ranked_events(e.events["attr_total"].to_numpy(), ranking)
         for k in KS:
             draws = {"top": [order[:k]]} | {
                 f"r{r}": [rng.choice(len(kept), k, replace=False)] for r in range(RANDOM_DRAWS)}
@@ -203,7 +221,7 @@ def deletion_curve(explainer: Explainer, events: pd.DataFrame, explanations, out
 
 
 def drivers(explanations) -> list[tuple[str, str, str]]:
-    """Agreement of churn_prob's attributions with the simulator's drivers (module doc)."""
+    """Agreement of ``DRIVEN_OUTPUT``'s attributions with the simulator's drivers (module doc)."""
     shift = dict(zip(EVENT_TYPES, WORLD.gap_log_shift, strict=True))
     segments = customer_segments(WORLD)
     last = pd.DataFrame([
@@ -255,13 +273,14 @@ def faithfulness(customers: int, out: Path):
         events = events[events["customer_id"].isin(set(chosen))].reset_index(drop=True)
         for output in ("churn_prob", "horizon_spend"):
             explanations = explainer.explain(events, output, as_of=cutoff)
-            curve = deletion_curve(explainer, events, explanations, output, cutoff)
             unconverged = sum(not e.converged for e in explanations)
             count = f"{len(explanations)}" + (f" ({unconverged} over)" if unconverged else "")
-            curves.append([name, output, count] + [f"{top:.4g} / {rand:.4g} ({top / rand:.1f}x)"
-                                                   for top, rand in curve.values()])
-            if name == "synthetic" and output == "churn_prob":
-                agreement = drivers(explanations)
+            for ranking in ("|attribution|", "signed"):
+                curve = deletion_curve(explainer, events, explanations, output, cutoff, ranking)
+                curves.append([name, output, count, ranking] + [
+                    f"{top:.4g} / {rand:.4g} ({top / rand:.1f}x)" for top, rand in curve.values()])
+        if name == "synthetic":
+            agreement = drivers(explainer.explain(events, DRIVEN_OUTPUT, as_of=cutoff))
     return curves, agreement
 
 
@@ -289,12 +308,12 @@ def main() -> None:
     curves, agreement = faithfulness(args.customers, args.out)
     table = Table(title="Faithfulness: mean |change| deleting the top-k attributed events / k "
                   "random events (ratio)")
-    for column in ("data", "output", "customers", *(f"k={k}" for k in KS)):
+    for column in ("data", "output", "customers", "ranking", *(f"k={k}" for k in KS)):
         table.add_column(column, justify="right")
     for row in curves:
         table.add_row(*row)
     console.print(table)
-    table = Table(title="Synthetic bank: churn_prob attributions vs the simulator's drivers")
+    table = Table(title=f"Synthetic bank: {DRIVEN_OUTPUT} attributions vs the simulator's drivers")
     for column in ("driver", "agreement", "detail"):
         table.add_column(column)
     for row in agreement:

@@ -99,22 +99,29 @@ def explain_model_config(name: str, spec: FeaturiserSpec, metadata: Mapping[str,
     return config
 
 
-def write_explain_model(repo: Path, name: str, model: TwinModule, spec: FeaturiserSpec,
-                        metadata: Mapping[str, Any], scratch: Path, instances: int = 1) -> int:
-    """Add a version of ``explain_model_name(name)`` to ``repo``: the twin's weights, the
-    batch model's ``metadata`` (without its graph's contract) and the shim; return it."""
-    from fintwin.explain.attribution import REFERENCE
-
+def explain_files(model: TwinModule, scratch: Path) -> dict[str, Path]:
+    """Write an explanation model version's files into ``scratch`` (before the repository is
+    touched): the twin's weights and hyper-parameters, and the shim."""
     weights, shim = Path(scratch) / WEIGHTS, Path(scratch) / SHIM_NAME
     torch.save({"hyper_parameters": to_plain(dict(model.hparams)),
                 "state_dict": model.state_dict()}, weights)
     shim.write_text(SHIM)
+    return {WEIGHTS: weights, SHIM_NAME: shim}
+
+
+def write_explain_model(repo: Path, name: str, spec: FeaturiserSpec, metadata: Mapping[str, Any],
+                        files: Mapping[str, Path], instances: int = 1) -> int:
+    """Add a version of ``explain_model_name(name)`` to ``repo`` holding ``files``
+    (``explain_files``) and the batch model's ``metadata`` without its graph's contract;
+    return the version."""
+    from fintwin.explain.attribution import REFERENCE
+
     kept = {key: value for key, value in metadata.items()
             if key not in ("contract", "input_names", "output_names", "parity_max_abs")}
     kept[EXPLAIN_KEY] = {"weights": WEIGHTS, "reference": REFERENCE}
     explain = explain_model_name(name)
     config = explain_model_config(explain, spec, kept, instances)
-    return write_version_files(repo, explain, {WEIGHTS: weights, SHIM_NAME: shim}, config, kept)
+    return write_version_files(repo, explain, files, config, kept)
 
 
 def load_version_dir(version_dir: Path) -> tuple[TwinModule, FeaturiserSpec]:

@@ -177,10 +177,12 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
     python-backend model, ``fintwin.live.repository``) and, with ``explain``, of its
     explanation model ``<repo>/<name>_explain`` (``fintwin.explain.serving``).
 
-    Both graphs are exported and checked before the repository is touched. A write that fails
+    Both graphs are exported and checked, and the explanation model's weights saved, before
+    the repository is touched. A write that fails
     (full disk, read-only file system) raises FintwinInputError naming the path and the cause;
     the model it was writing is then left as it was.
     """
+    from fintwin.explain.serving import explain_files, write_explain_model
     from fintwin.export.triton_repo import MODEL_FILENAME, write_model_version
     from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
 
@@ -192,6 +194,7 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
             step_graph, step_report, step = (
                 export_step_graph(twin, Path(scratch)) if live else (None, None, None)
             )
+            staged = explain_files(twin.model, Path(scratch)) if explain else None
         except OSError as exc:
             raise FintwinInputError(
                 f"cannot write the ONNX export to {exc.filename or scratch}: {exc.strerror or exc}"
@@ -200,13 +203,8 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
         metadata = export_metadata(twin, ckpt, report)
         version = write_model_version(repo, name, onnx_path, metadata, device=device,
                                       **triton_options)
-        explain_version = None
-        if explain:
-            from fintwin.explain.serving import write_explain_model
-
-            explain_version = write_explain_model(
-                repo, name, twin.model, twin.spec, metadata, Path(scratch),
-                instances=triton_options.get("instances", 1))
+        explain_version = None if staged is None else write_explain_model(
+            repo, name, twin.spec, metadata, staged, instances=triton_options.get("instances", 1))
         if not live:
             return Exported(version, report, explain_version=explain_version)
         batching = {k: v for k, v in triton_options.items()

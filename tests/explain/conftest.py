@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fintwin.data.features import FeaturiserSpec, Scaling, Vocab
-from fintwin.explain.serving import write_explain_model
+from fintwin.explain.serving import explain_files, write_explain_model
 from fintwin.models.module import TwinModule
 from tests.conftest import make_events
 
@@ -69,7 +69,7 @@ def write_explain_repo(directory: Path) -> Path:
     repo, scratch = directory / "repo", directory / "scratch"
     scratch.mkdir(parents=True)
     metadata = {"featuriser": spec.to_dict(), "quantiles": [0.1, 0.5, 0.9], "encoder": "lstm"}
-    write_explain_model(repo, MODEL, model, spec, metadata, scratch)
+    write_explain_model(repo, MODEL, spec, metadata, explain_files(model, scratch))
     return repo
 
 
