@@ -294,12 +294,12 @@ class TwinModule(pl.LightningModule):
         outputs are for the window after ``batch["days_since_last_event"]`` ``[B]`` days of
         silence since that event (right after it when absent)."""
         hidden = gather_last(self(batch), batch["length"])
-        return self.serving_outputs(hidden, batch.get("days_since_last_event"))
+        return self.serving_outputs(hidden, batch.get("days_since_last_event"), names)
 
-    def serving_outputs(self, hidden: Tensor,
-                        days_since_last_event: Tensor | None = None) -> dict[str, Tensor]:
-        """The contract's outputs from hidden states ``[B, H]`` at customers' last events
-        (``predict_last``; the live step model after each event)."""
+    def serving_outputs(self, hidden: Tensor, days_since_last_event: Tensor | None = None,
+                        names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """The contract's outputs (all, or only ``names``) from hidden states ``[B, H]`` at
+        customers' last events (``predict_last``; the live step model after each event)."""
         out = self.head_outputs(hidden, days_since_last_event)
         probs = torch.softmax(out.type_logits, dim=-1)
         outputs = {
