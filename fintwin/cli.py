@@ -1,4 +1,4 @@
-"""`fintwin <command>`: data summary, export, serve, predict, simulate, report, live, monitor.
+"""`fintwin <command>`: data summary, export, serve, predict, simulate, report, live, monitor, explain.
 
 Every command exits 0 on success, 2 on bad input (message on stderr, no traceback) and 1 on
 an internal error.
@@ -89,13 +89,17 @@ def _export(args: argparse.Namespace) -> int:
     exported = export_to_repository(
         args.ckpt, args.repo, args.name, args.device, live=not args.no_live,
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-        instances=args.instances, reference_data=args.reference_data)
+        instances=args.instances, reference_data=args.reference_data,
+        explain=not args.no_explain)
     print(f"exported {args.repo / args.name}/{exported.version}/model.onnx "
           f"(ONNX parity: worst scaled difference {exported.report.worst:.1e})")
     if exported.live_version is not None:
         print(f"exported {args.repo / live_model_name(args.name)}/{exported.live_version}/"
               "step.onnx, the live model (step graph parity: worst scaled difference "
               f"{exported.step_report.worst:.1e})")
+    if exported.explain_version is not None:
+        print(f"exported {args.repo / args.name}_explain/{exported.explain_version}, the "
+              "explanation model (reasons for customers' events)")
     return 0
 
 
@@ -115,6 +119,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         help="skip the live model NAME_live (raw events in, per-event state)")
     parser.add_argument("--reference-data", help="events whose calibration period (up to the "
                         "checkpoint's cut-off) is the drift reference (default: the training data)")
+    parser.add_argument("--no-explain", action="store_true",
+                        help="skip the explanation model NAME_explain (reasons from Triton)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -403,9 +409,15 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--act", type=float, default=0.25, help="PSI level worth acting on")
 
 
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    from fintwin.explain.command import add_explain
+
+    add_explain(sub, _command)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data, _add_export, _add_serve, _add_predict, _add_simulate, _add_report, _add_live,
-    _add_monitor]
+    _add_monitor, _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:

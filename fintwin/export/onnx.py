@@ -161,28 +161,33 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
 @dataclass(frozen=True)
 class Exported:
     """Versions written by ``export_to_repository`` and their parity reports (``live_version``
-    and ``step_report`` None without the live model)."""
+    and ``step_report`` None without the live model, ``explain_version`` without the
+    explanation model)."""
 
     version: int
     report: ParityReport
     live_version: int | None = None
     step_report: ParityReport | None = None
+    explain_version: int | None = None
 
 
 def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: str = "cpu",
-                         live: bool = True, reference_data: str | None = None,
-                         **triton_options) -> Exported:
+                         live: bool = True, explain: bool = True,
+                         reference_data: str | None = None, **triton_options) -> Exported:
     """Checkpoint -> parity-checked ONNX -> new version of ``<repo>/<name>`` and, with
     ``live``, of its live model ``<repo>/<name>_live`` (the parity-checked step graph run by a
-    python-backend model, ``fintwin.live.repository``).
+    python-backend model, ``fintwin.live.repository``) and, with ``explain``, of its
+    explanation model ``<repo>/<name>_explain`` (``fintwin.explain.serving``).
 
-    Both graphs are exported and checked before the repository is touched. A write that fails
+    Both graphs are exported and checked, and the explanation model's weights saved, before
+    the repository is touched. A write that fails
     (full disk, read-only file system) raises FintwinInputError naming the path and the cause;
     the model it was writing is then left as it was.
 
     Both models' metadata carry the drift reference of the calibration events of
     ``reference_data`` (default: the training data; ``fintwin.monitor.reference``).
     """
+    from fintwin.explain.serving import explain_files, write_explain_model
     from fintwin.export.triton_repo import MODEL_FILENAME, write_model_version
     from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
 
@@ -194,6 +199,7 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
             step_graph, step_report, step = (
                 export_step_graph(twin, Path(scratch)) if live else (None, None, None)
             )
+            staged = explain_files(twin.model, Path(scratch)) if explain else None
         except OSError as exc:
             raise FintwinInputError(
                 f"cannot write the ONNX export to {exc.filename or scratch}: {exc.strerror or exc}"
@@ -205,13 +211,15 @@ def export_to_repository(ckpt: Path, repo: Path, name: str = "fintwin", device: 
             metadata[REFERENCE_KEY] = reference
         version = write_model_version(repo, name, onnx_path, metadata, device=device,
                                       **triton_options)
+        explain_version = None if staged is None else write_explain_model(
+            repo, name, twin.spec, metadata, staged, instances=triton_options.get("instances", 1))
         if not live:
-            return Exported(version, report)
+            return Exported(version, report, explain_version=explain_version)
         batching = {k: v for k, v in triton_options.items()
                     if k in ("max_batch_size", "max_queue_delay_us", "instances")}
         live_version = write_live_model(repo, name, twin.spec, step_graph,
                                         live_metadata(metadata, step), Path(scratch), **batching)
-    return Exported(version, report, live_version, step_report)
+    return Exported(version, report, live_version, step_report, explain_version)
 
 
 def drift_reference(twin: TrainedTwin, source: str | None, metadata: dict, step: dict | None,

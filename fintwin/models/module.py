@@ -46,7 +46,7 @@ that of the loss):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -286,30 +286,33 @@ class TwinModule(pl.LightningModule):
             "categorical_sizes": categorical_sizes,
         }
 
-    def predict_last(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def predict_last(
+        self, batch: Mapping[str, Tensor], names: Collection[str] | None = None
+    ) -> dict[str, Tensor]:
         """Per-customer serving outputs at each row's last real event (export friendly), named
-        as the contract's outputs (CONTRACT.md); the horizon outputs are for the window after
-        ``batch["days_since_last_event"]`` ``[B]`` days of silence since that event (right
-        after it when absent)."""
+        as the contract's outputs (CONTRACT.md), all of them or only ``names``; the horizon
+        outputs are for the window after ``batch["days_since_last_event"]`` ``[B]`` days of
+        silence since that event (right after it when absent)."""
         hidden = gather_last(self(batch), batch["length"])
-        return self.serving_outputs(hidden, batch.get("days_since_last_event"))
+        return self.serving_outputs(hidden, batch.get("days_since_last_event"), names)
 
-    def serving_outputs(self, hidden: Tensor,
-                        days_since_last_event: Tensor | None = None) -> dict[str, Tensor]:
-        """The contract's outputs from hidden states ``[B, H]`` at customers' last events
-        (``predict_last``; the live step model after each event)."""
+    def serving_outputs(self, hidden: Tensor, days_since_last_event: Tensor | None = None,
+                        names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """The contract's outputs (all, or only ``names``) from hidden states ``[B, H]`` at
+        customers' last events (``predict_last``; the live step model after each event)."""
         out = self.head_outputs(hidden, days_since_last_event)
         probs = torch.softmax(out.type_logits, dim=-1)
-        return {
-            "next_event_probs": probs,
-            "next_time_mean": out.gap.mean(),
-            "next_time_quantiles": out.gap.quantiles(self.quantile_levels),
-            "dormant_prob": out.gap.dormant_prob,
-            "next_amount_mean": out.amount.marginal_mean(probs),
-            "churn_prob": torch.sigmoid(out.churn_logit),
-            "horizon_count": out.horizon.count,
-            "horizon_spend": out.horizon.spend,
+        outputs = {
+            "next_event_probs": lambda: probs,
+            "next_time_mean": out.gap.mean,
+            "next_time_quantiles": lambda: out.gap.quantiles(self.quantile_levels),
+            "dormant_prob": lambda: out.gap.dormant_prob,
+            "next_amount_mean": lambda: out.amount.marginal_mean(probs),
+            "churn_prob": lambda: torch.sigmoid(out.churn_logit),
+            "horizon_count": lambda: out.horizon.count,
+            "horizon_spend": lambda: out.horizon.spend,
         }
+        return {name: make() for name, make in outputs.items() if names is None or name in names}
 
     # ------------------------------------------------------------ likelihood
     def _log_likelihood(self, batch: Mapping[str, Tensor], out: HeadOutputs) -> dict[str, Tensor]:
