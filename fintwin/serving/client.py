@@ -41,6 +41,7 @@ from fintwin.serving.python_model import (
     config_parameter,
     read_metadata,
 )
+from fintwin.serving.security import ClientCredentials
 
 WireProtocol = Literal["grpc", "http"]
 _CLIENT_MODULES = {"grpc": grpcclient, "http": httpclient}
@@ -91,8 +92,9 @@ class TritonTransport:
 
     ``url`` is ``host:port`` of the gRPC or HTTP endpoint; ``version=""`` lets the server pick
     (its version policy: the latest by default); ``timeout_s`` bounds each call on the client
-    side. A gRPC transport can be shared by threads; an HTTP one (gevent underneath) must be
-    used by one thread only: give each thread its own.
+    side. ``credentials``: TLS (mutual with a client certificate) and the API key sent with
+    every request (``fintwin.serving.security``). A gRPC transport can be shared by threads; an
+    HTTP one (gevent underneath) must be used by one thread only: give each thread its own.
     """
 
     def __init__(
@@ -103,18 +105,29 @@ class TritonTransport:
         version: str = "",
         *,
         timeout_s: float = 60.0,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         if protocol not in _CLIENT_MODULES:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        credentials = credentials or ClientCredentials()
+        tls = credentials.tls
+        if tls is not None:
+            tls.check()
         self._module = _CLIENT_MODULES[protocol]
         if protocol == "grpc":
-            self._client = grpcclient.InferenceServerClient(url)
+            self._client = grpcclient.InferenceServerClient(
+                url, **(tls.grpc_options() if tls is not None else {})
+            )
             self._infer_kwargs = {"client_timeout": timeout_s}
         else:
             self._client = httpclient.InferenceServerClient(
-                url, connection_timeout=timeout_s, network_timeout=timeout_s
+                url,
+                connection_timeout=timeout_s,
+                network_timeout=timeout_s,
+                **(tls.http_options() if tls is not None else {}),
             )
             self._infer_kwargs = {}
+        self._headers = credentials.headers(protocol)
         self.protocol = protocol
         self.model = model
         self.version = version
@@ -130,6 +143,7 @@ class TritonTransport:
                 [self._infer_input(name, array, layout) for name, array in inputs.items()],
                 model_version=self.version,
                 outputs=[self._module.InferRequestedOutput(name) for name in layout.outputs],
+                headers=self._headers,
                 **self._infer_kwargs,
             )
         except InferenceServerException as exc:
@@ -146,7 +160,9 @@ class TritonTransport:
     def ready(self) -> bool:
         """Whether the server answers and the model is ready."""
         try:
-            return bool(self._client.is_model_ready(self.model, self.version))
+            return bool(
+                self._client.is_model_ready(self.model, self.version, headers=self._headers)
+            )
         except (InferenceServerException, OSError):
             return False
 
@@ -158,8 +174,10 @@ class TritonTransport:
         """The served model's configuration as JSON-like dict."""
         try:
             if self.protocol == "grpc":
-                return self._client.get_model_config(self.model, self.version, as_json=True)["config"]
-            return self._client.get_model_config(self.model, self.version)
+                return self._client.get_model_config(
+                    self.model, self.version, headers=self._headers, as_json=True
+                )["config"]
+            return self._client.get_model_config(self.model, self.version, headers=self._headers)
         except InferenceServerException as exc:
             raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
 
@@ -315,7 +333,8 @@ class TwinClient:
     """Featurise raw events exactly as in training and score them on Triton or in process.
 
     ``TwinClient(url="127.0.0.1:8001", protocol="grpc", model="fintwin")`` talks to a server;
-    ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process.
+    ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process;
+    ``credentials`` (TLS, API key) are those of the server connection.
     ``predict(events)`` returns one row per customer. Each customer keeps its most recent
     ``max_len`` events (the model refuses longer sequences); a call holds at most ``batch_size``
     customers, fewer when the model's ``max_batch_elements`` budget needs it.
@@ -323,12 +342,13 @@ class TwinClient:
 
     def __init__(self, url: str | None = None, protocol: WireProtocol = "grpc", model: str = "fintwin",
                  version: str = "", *, repo: Path | None = None, batch_size: int = 256,
-                 top_k: int = 3) -> None:
+                 top_k: int = 3, credentials: ClientCredentials | None = None) -> None:
         if (url is None) == (repo is None):
             raise ValueError("give exactly one of url (a Triton server) or repo (in-process)")
         self.transport: Transport = (
             InProcessRunner(Path(repo), model, int(version) if version else None)
-            if repo is not None else TritonTransport(url, protocol, model, version))
+            if repo is not None
+            else TritonTransport(url, protocol, model, version, credentials=credentials))
         metadata = self.transport.metadata
         self.spec = stored_spec(metadata, f"model {model!r}")
         self.quantiles = list(metadata["quantiles"])
