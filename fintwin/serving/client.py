@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.data.contract import TensorSpec, model_inputs
 from fintwin.data.features import stored_spec
+from fintwin.errors import FintwinInputError
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     FEATURISER_PARAMETER,
@@ -41,7 +42,7 @@ from fintwin.serving.python_model import (
     config_parameter,
     read_metadata,
 )
-from fintwin.serving.security import ClientCredentials
+from fintwin.serving.security import API_KEY_ENV, ClientCredentials
 
 WireProtocol = Literal["grpc", "http"]
 _CLIENT_MODULES = {"grpc": grpcclient, "http": httpclient}
@@ -57,6 +58,25 @@ class InvalidRequestError(InferenceError):
     """The model refused the batch as invalid (HTTP 400 / gRPC INVALID_ARGUMENT, or the same
     check in process): the message names the input, row and expected value; retrying the same
     batch fails again."""
+
+
+class AccessDeniedError(InferenceError, FintwinInputError):
+    """The server refused the request for want of the right key (a restricted API)."""
+
+
+_RESTRICTED = "is restricted"  # tritonserver's refusal of a request without the expected header
+
+
+def _failure(exc: InferenceServerException, what: str) -> InferenceError:
+    """The error to raise for a request the server refused or failed."""
+    message = f"{what}: {exc.message()}"
+    if _RESTRICTED in (exc.message() or ""):
+        return AccessDeniedError(
+            f"{message} (the server requires an API key: give --api-key-file or ${API_KEY_ENV})"
+        )
+    if exc.status() in _INVALID_REQUEST_STATUSES:
+        return InvalidRequestError(message)
+    return InferenceError(message)
 
 
 class Transport(Protocol):
@@ -147,12 +167,7 @@ class TritonTransport:
                 **self._infer_kwargs,
             )
         except InferenceServerException as exc:
-            error = (
-                InvalidRequestError if exc.status() in _INVALID_REQUEST_STATUSES else InferenceError
-            )
-            raise error(
-                f"{self.protocol} inference on {self.model!r} failed: {exc.message()}"
-            ) from exc
+            raise _failure(exc, f"{self.protocol} inference on {self.model!r} failed") from exc
         return {
             name: self._model_shape(name, result.as_numpy(name), layout) for name in layout.outputs
         }
@@ -179,7 +194,7 @@ class TritonTransport:
                 )["config"]
             return self._client.get_model_config(self.model, self.version, headers=self._headers)
         except InferenceServerException as exc:
-            raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
+            raise _failure(exc, f"cannot read the config of {self.model!r}") from exc
 
     @property
     def max_batch_elements(self) -> int:
