@@ -15,7 +15,10 @@ Paths, one table row each:
   at every operator, so the 1-thread row is the like-for-like baseline;
 - onnxruntime in process: ``InProcessRunner``, i.e. the served model's onnxruntime options (one
   intra-op thread, as in the server) and input validation;
-- Triton HTTP and Triton gRPC: ``TritonTransport`` against the embedded server.
+- Triton HTTP and Triton gRPC: ``TritonTransport`` against the embedded server;
+- Triton gRPC, mutual TLS + API key: the same against a second embedded server on the same
+  repository whose gRPC endpoint speaks mutual TLS (a throwaway CA, P-256 keys) and requires
+  an API key (batch-1 latency only; its overhead over plain gRPC is the TLS target).
 
 The onnxruntime targets are checked against the faster torch row of each cell.
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -64,7 +68,9 @@ from fintwin.export.triton_repo import (
 )
 from fintwin.models.checkpoint import TrainedTwin
 from fintwin.models.module import QUANTILE_LEVELS, TwinModule
+from fintwin.serving.certificates import write_development_pki
 from fintwin.serving.client import InProcessRunner, TritonTransport
+from fintwin.serving.security import AccessControl, ClientCredentials, ClientTls, ServerTls
 from fintwin.serving.server import EmbeddedTriton
 
 Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -100,13 +106,15 @@ SETTLE_S = 0.05
 
 TORCH_PATHS = {f"torch eager, {n} thread{'s' * (n > 1)}": n for n in TORCH_THREADS}
 ORT, HTTP, GRPC = "onnxruntime in process", "Triton HTTP", "Triton gRPC"
-PATHS = (*TORCH_PATHS, ORT, HTTP, GRPC)
+GRPC_TLS = "Triton gRPC, mutual TLS + API key"
+PATHS = (*TORCH_PATHS, ORT, HTTP, GRPC, GRPC_TLS)
 
 TARGET_ORT_B1_SPEEDUP = 1.5
 TARGET_ORT_B64_SPEEDUP = 1.0
 TARGET_GRPC_P50_OVERHEAD_MS = 1.5
 TARGET_GRPC_P99_OVERHEAD_MS = 3.0
 TARGET_BATCHING_GAIN = 3.0
+TARGET_TLS_P50_OVERHEAD_MS = 0.5
 
 
 @dataclass
@@ -361,6 +369,13 @@ def target_lines(latency: dict[tuple[str, int], dict[str, Latency]],
             + ", ".join(f"{e} T{t} {o:+.2f} ms" for (e, t), o in overheads.items())
             + f"  {verdict(max(overheads.values()) <= target)}"
         )
+    tls = {cell: (paths[GRPC_TLS].p50 - paths[GRPC].p50, paths[GRPC_TLS].p99 - paths[GRPC].p99)
+           for cell, paths in latency.items()}
+    lines.append(
+        f"{GRPC_TLS} - plain gRPC, batch 1 p50 (target <= {TARGET_TLS_P50_OVERHEAD_MS} ms) / "
+        "p99: " + ", ".join(f"{e} T{t} {p50:+.2f} / {p99:+.2f} ms" for (e, t), (p50, p99) in tls.items())
+        + f"  {verdict(max(p50 for p50, _ in tls.values()) <= TARGET_TLS_P50_OVERHEAD_MS)}"
+    )
     clients = CLIENTS[-1]
     for path in (GRPC, HTTP):
         on, off = rates[(path, True, clients)], rates[(path, False, clients)]
@@ -412,17 +427,26 @@ def main() -> None:
             }
             for encoder, wrapper in wrappers.items()
         }
-        with EmbeddedTriton(repo, intra_op_threads=SERVER_THREADS) as server:
+        pki = write_development_pki(Path(scratch) / "pki")
+        api_key = secrets.token_urlsafe(32)
+        secure_server = EmbeddedTriton(
+            repo, intra_op_threads=SERVER_THREADS, access=AccessControl(api_key=api_key),
+            tls=ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca))
+        credentials = ClientCredentials(ClientTls(pki.ca, pki.client_cert, pki.client_key), api_key)
+        with EmbeddedTriton(repo, intra_op_threads=SERVER_THREADS) as server, secure_server:
             latency, batch64 = {}, {}
             for encoder, wrapper in wrappers.items():
                 grpc = TritonTransport(server.grpc_url, "grpc", encoder)
                 http = TritonTransport(server.http_url, "http", encoder)
-                paths = {**in_process[encoder], HTTP: http.infer, GRPC: grpc.infer}
+                grpc_tls = TritonTransport(secure_server.grpc_url, "grpc", encoder,
+                                           credentials=credentials)
+                paths = {**in_process[encoder], HTTP: http.infer, GRPC: grpc.infer,
+                         GRPC_TLS: grpc_tls.infer}
                 for seq_len in LATENCY_LENGTHS:
                     requests = request_pool(wrapper, (1,), seq_len, seed=seq_len)
                     latency[(encoder, seq_len)] = latency_rounds(paths, requests, args.requests)
-                grpc.close()
-                http.close()
+                for transport in (grpc, http, grpc_tls):
+                    transport.close()
                 requests = request_pool(wrapper, BATCH_SHAPE[:1], BATCH_SHAPE[1], seed=1)
                 batch64[encoder] = latency_rounds(
                     in_process[encoder], requests, max(WARMUP, args.requests // 10))

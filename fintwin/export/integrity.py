@@ -44,7 +44,7 @@ def write_manifest(version_dir: Path) -> None:
     """Record the SHA-256 of every file of ``version_dir`` in its manifest (atomically)."""
     version_dir = Path(version_dir)
     lines = [f"{file_sha256(version_dir / name)}  {name}\n" for name in version_files(version_dir)]
-    write_atomic(version_dir / MANIFEST_NAME, "".join(lines))
+    write_atomic(version_dir / MANIFEST_NAME, "".join(lines).encode())
 
 
 def read_manifest(version_dir: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ import numpy as np
 from fintwin.errors import FintwinInputError
 from fintwin.live.events import EventBatch, event_fields, read_events
 from fintwin.live.store import open_store
-from fintwin.live.twins import PREDICTION_FIELD, LiveTwins
+from fintwin.live.twins import PREDICTION_FIELD, STEP_GRAPH, LiveTwins
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -141,8 +141,9 @@ class TritonPythonModel:
         parameters = config.get("parameters", {})
         configured = parameters.get(STATE_STORE_PARAMETER, {}).get("string_value", "")
         threads = int(parameters.get(INTRA_OP_THREADS_PARAMETER, {}).get("string_value") or 1)
-        repository = version_dir.resolve().parent.parent  # the exported one (the embedded
-        url = store_url(configured, repository)  # server serves it through a symlink)
+        # the exported repository: the embedded server serves a copy whose files are links to it
+        repository = (version_dir / STEP_GRAPH).resolve().parent.parent.parent
+        url = store_url(configured, repository)
         store = open_store(url)
         self.model = LiveModel(
             LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads)

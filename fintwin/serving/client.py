@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -48,6 +49,8 @@ WireProtocol = Literal["grpc", "http"]
 _CLIENT_MODULES = {"grpc": grpcclient, "http": httpclient}
 # tritonclient's status of a refused request: HTTP 400, gRPC INVALID_ARGUMENT
 _INVALID_REQUEST_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
+# what the HTTP client (geventhttpclient) raises when a connection or TLS handshake fails
+_CONNECTION_ERRORS = (OSError, HTTPException)
 
 
 class InferenceError(RuntimeError):
@@ -148,7 +151,7 @@ class TritonTransport:
             )
             self._infer_kwargs = {}
         self._headers = credentials.headers(protocol)
-        self.protocol = protocol
+        self.url, self.protocol = url, protocol
         self.model = model
         self.version = version
         self._layout: _Layout | None = None
@@ -168,6 +171,8 @@ class TritonTransport:
             )
         except InferenceServerException as exc:
             raise _failure(exc, f"{self.protocol} inference on {self.model!r} failed") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self._unreachable(exc) from exc
         return {
             name: self._model_shape(name, result.as_numpy(name), layout) for name in layout.outputs
         }
@@ -195,6 +200,8 @@ class TritonTransport:
             return self._client.get_model_config(self.model, self.version, headers=self._headers)
         except InferenceServerException as exc:
             raise _failure(exc, f"cannot read the config of {self.model!r}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self._unreachable(exc) from exc
 
     @property
     def max_batch_elements(self) -> int:
@@ -212,6 +219,12 @@ class TritonTransport:
             raise InferenceError(f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
                                  "export it with `fintwin export`")
         return json.loads(parameters[FEATURISER_PARAMETER]["string_value"])
+
+    def _unreachable(self, exc: Exception) -> InferenceError:
+        return InferenceError(
+            f"no {self.protocol} answer from {self.url} ({type(exc).__name__}: {exc}): is the "
+            "server up, and do its TLS settings (certificate, client certificate) match ours?"
+        )
 
     def _get_layout(self) -> _Layout:
         if self._layout is None:

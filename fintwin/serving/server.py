@@ -39,7 +39,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fintwin.errors import FintwinInputError
-from fintwin.export.integrity import verify_version
+from fintwin.export.integrity import verify_version, version_files
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     METADATA_NAME,
@@ -74,8 +74,10 @@ def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 
 
     Returns the model names. Every numeric version is checked against its integrity manifest
     (``fintwin.export.integrity``) and linked; the config's version policy decides which ones
-    the server loads. Models that are python-backend models already (the
-    live models, ``fintwin.live.repository``) are linked whole and served as exported.
+    the server loads. Models that are python-backend models already (the live models,
+    ``fintwin.live.repository``) are served as exported, each file of a version linked into a
+    directory of the runtime repository: what the python backend writes next to ``model.py``
+    (``__pycache__``) stays there, out of the verified exported version.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -91,8 +93,10 @@ def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 
             verify_version(model_dir / str(version))
         production = read_model_config(model_dir / CONFIG_NAME)
         if production.backend == "python":  # the live model: served as it is exported
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
+            (dest / model_dir.name).mkdir(parents=True)
+            (dest / model_dir.name / CONFIG_NAME).symlink_to((model_dir / CONFIG_NAME).resolve())
+            for version in versions:
+                _link_files(model_dir / str(version), dest / model_dir.name / str(version))
             continue
         config = runtime_config(production, intra_op_threads)
         (dest / model_dir.name).mkdir(parents=True)
@@ -125,6 +129,13 @@ def runtime_config(production: mc.ModelConfig, intra_op_threads: int = 1) -> mc.
     )
     config.parameters[INTRA_OP_THREADS_PARAMETER].string_value = str(intra_op_threads)
     return config
+
+
+def _link_files(source: Path, dest: Path) -> None:
+    """A directory ``dest`` holding a symlink to each file of the version ``source``."""
+    for name in version_files(source):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).symlink_to((source / name).resolve())
 
 
 def _link_version(source: Path, dest: Path) -> None:
@@ -177,7 +188,6 @@ def server_environment() -> dict[str, str]:
             "with --enable-shared"
         )
     env = without_keys(os.environ)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing is written into the (verified) repository
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     bundled_libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
     library_path = [libdir, str(bundled_libs), env.get("LD_LIBRARY_PATH", "")]

@@ -3,8 +3,11 @@ throwaway CA made in the test."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -65,6 +68,40 @@ def mtls_server(model_repo: Path, pki: Pki, api_key: str) -> Iterator[EmbeddedTr
         model_repo, GRPC_HOST, tls=tls, access=AccessControl(api_key=api_key)
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def https_proxy(mtls_server: EmbeddedTriton, pki: Pki) -> Iterator[str]:
+    """A TLS-terminating forwarder (mutual TLS) to the server's loopback HTTP port, standing in
+    for serve/nginx.conf; yields its ``host:port``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    target = mtls_server.http_url.split(":")
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*target)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = loop.run_until_complete(asyncio.start_server(forward, "127.0.0.1", 0, ssl=context))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    server.close()
+    loop.close()
 
 
 def _client_tls(pki: Pki, with_certificate: bool = True) -> ClientTls:
@@ -130,6 +167,29 @@ def test_inference_without_the_api_key_is_refused(key, mtls_server, pki, api_key
     inputs = standin.random_inputs(rng, batch=1, seq=3)
     with pytest.raises(AccessDeniedError, match="restricted, expecting header"):
         _infer(mtls_server, ClientCredentials(_client_tls(pki), given), inputs, standin.model_name)
+
+
+def test_http_clients_speak_mutual_tls_through_a_terminating_proxy(
+    https_proxy, pki, api_key, reference, standin, rng
+):
+    inputs = standin.random_inputs(rng, batch=2, seq=6)
+    transport = TritonTransport(
+        https_proxy, "http", standin.model_name, timeout_s=10,
+        credentials=ClientCredentials(_client_tls(pki), api_key),
+    )
+    try:
+        standin.assert_outputs_equal(transport.infer(inputs), reference.infer(inputs))
+    finally:
+        transport.close()
+    without_certificate = TritonTransport(
+        https_proxy, "http", standin.model_name, timeout_s=10,
+        credentials=ClientCredentials(ClientTls(pki.ca), api_key),
+    )
+    try:
+        with pytest.raises(InferenceError, match=f"no http answer from {https_proxy}"):
+            without_certificate.infer(inputs)
+    finally:
+        without_certificate.close()
 
 
 def test_with_tls_http_and_metrics_bind_loopback_only(mtls_server):
@@ -264,3 +324,24 @@ def test_bad_keys_and_certificates_are_named(tmp_path, pki, rogue_pki, monkeypat
     err = capsys.readouterr().err
     assert f"API key file {short} is not usable" in err
     assert "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key" in err
+
+
+def test_development_pki_command_writes_a_ca_and_certificates_it_signed(tmp_path, capsys):
+    from cryptography import x509
+
+    from fintwin.serving.certificates import main as certificates_main
+
+    certificates_main([str(tmp_path), "10.1.2.3", "twins.example"])
+    assert "wrote" in capsys.readouterr().out
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    client = x509.load_pem_x509_certificate((tmp_path / "client.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    client.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["twins.example"]
+    for key in ("ca.key", "server.key", "client.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600
+    ServerTls(tmp_path / "server.crt", tmp_path / "server.key", tmp_path / "ca.crt").check()
+    ClientTls(tmp_path / "ca.crt", tmp_path / "client.crt", tmp_path / "client.key").check()

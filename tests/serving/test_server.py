@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import np_to_triton_dtype
 
+from fintwin.export.integrity import write_manifest
 from fintwin.export.triton_repo import (
     TRITON_VERSION,
     ModelRepositoryError,
@@ -295,6 +296,7 @@ def test_model_that_fails_to_load_reports_the_server_log(model_repo, standin, tm
         (model_repo / standin.model_name / "config.pbtxt").read_text()
     )
     (broken / standin.model_name / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    write_manifest(broken / standin.model_name / "1")  # intact as recorded, unloadable
     server = EmbeddedTriton(broken, startup_timeout_s=60)
 
     with pytest.raises(ServerError) as error:
