@@ -150,16 +150,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per instance")
-    tls = parser.add_argument_group(
+    security = parser.add_argument_group(
         "security", "TLS of the gRPC endpoint (HTTP and metrics then bind 127.0.0.1, for a "
         "TLS-terminating proxy) and access keys. Keys come from a file or the environment only.")
-    tls.add_argument("--tls-cert", type=Path, help="server certificate (chain), PEM")
-    tls.add_argument("--tls-key", type=Path, help="server private key, PEM, unencrypted")
-    tls.add_argument("--tls-client-ca", type=Path,
+    security.add_argument("--tls-cert", type=Path, help="server certificate (chain), PEM")
+    security.add_argument("--tls-key", type=Path, help="server private key, PEM, unencrypted")
+    security.add_argument("--tls-client-ca", type=Path,
                      help="CA of client certificates: mutual TLS, clients without one are refused")
-    tls.add_argument("--api-key-file", type=Path, help="inference needs this key in the "
+    security.add_argument("--api-key-file", type=Path, help="inference needs this key in the "
                      "fintwin-api-key header (default: $FINTWIN_API_KEY; none: open)")
-    tls.add_argument("--admin-key-file", type=Path, help="key of the administrative APIs "
+    security.add_argument("--admin-key-file", type=Path, help="key of the administrative APIs "
                      "(repository, shared memory, statistics, trace, logging) in the "
                      "fintwin-admin-key header (default: $FINTWIN_ADMIN_KEY; none: a random one, "
                      "i.e. closed)")
@@ -174,7 +174,8 @@ def _add_client_security(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", type=Path, help="CA bundle of the server's certificate (TLS)")
     group.add_argument("--tls-cert", type=Path, help="client certificate, PEM (mutual TLS)")
     group.add_argument("--tls-key", type=Path, help="client private key, PEM (mutual TLS)")
-    group.add_argument("--api-key-file", type=Path, help="file holding the API key")
+    group.add_argument("--api-key-file", type=Path,
+                       help="file holding the API key (default: $FINTWIN_API_KEY)")
 
 
 def client_credentials(args: argparse.Namespace):

@@ -19,6 +19,7 @@ metadata ``triton-grpc-protocol-fintwin-api-key`` (where tritonserver looks for 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fintwin.errors import FintwinInputError
+
+logger = logging.getLogger(__name__)
 
 API_KEY_HEADER = "fintwin-api-key"
 ADMIN_KEY_HEADER = "fintwin-admin-key"
@@ -54,8 +57,12 @@ def read_key(path: Path | None, env: str, what: str) -> str | None:
     if path is not None:
         try:
             key, source = Path(path).read_text().strip(), f"{what} file {path}"
+            mode = Path(path).stat().st_mode
         except (OSError, UnicodeDecodeError) as exc:
             raise SecurityError(f"cannot read the {what} file {path}: {exc}") from exc
+        if mode & 0o077:
+            logger.warning("the %s file %s can be read by other users (mode %o): chmod 600 it",
+                           what, path, mode & 0o777)
     elif os.environ.get(env):
         key, source = os.environ[env].strip(), f"{what} in ${env}"
     else:

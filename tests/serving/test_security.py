@@ -275,6 +275,7 @@ def test_fintwin_predict_speaks_mutual_tls_with_the_api_key(
     )
     key_file = tmp_path / "api.key"
     key_file.write_text(api_key + "\n")
+    key_file.chmod(0o600)
     out = tmp_path / "scores.csv"
     common = ["predict", "--url", mtls_server.grpc_url, "--model", standin.model_name,
               "--events", str(events), "--out", str(out), "--tls-ca", str(pki.ca)]
@@ -296,7 +297,13 @@ def test_fintwin_predict_speaks_mutual_tls_with_the_api_key(
     assert "requires an API key: give --api-key-file" in capsys.readouterr().err
 
 
-def test_bad_keys_and_certificates_are_named(tmp_path, pki, rogue_pki, monkeypatch, capsys):
+def test_bad_keys_and_certificates_are_named(tmp_path, pki, rogue_pki, monkeypatch, capsys,
+                                            caplog):
+    shared = tmp_path / "shared.key"
+    shared.write_text("k" * 20)
+    shared.chmod(0o644)
+    assert read_key(shared, API_KEY_ENV, "API key") == "k" * 20
+    assert f"the API key file {shared} can be read by other users (mode 644)" in caplog.text
     short = tmp_path / "short.key"
     short.write_text("secret\n")
     with pytest.raises(SecurityError, match=f"API key file {short} is not usable"):
@@ -345,3 +352,22 @@ def test_development_pki_command_writes_a_ca_and_certificates_it_signed(tmp_path
         assert (tmp_path / key).stat().st_mode & 0o777 == 0o600
     ServerTls(tmp_path / "server.crt", tmp_path / "server.key", tmp_path / "ca.crt").check()
     ClientTls(tmp_path / "ca.crt", tmp_path / "client.crt", tmp_path / "client.key").check()
+
+
+def test_fintwin_live_run_passes_tls_and_the_api_key(mtls_server, pki, api_key, tmp_path,
+                                                      monkeypatch, capsys, caplog):
+    """The stand-in repository has no live model: with the right credentials the server is
+    reached and answers that it does not know it; without the key it refuses the request."""
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"customer_id": "a", "timestamp": "2024-01-02", "event_type": "x", '
+                      '"amount": 1.0}\n')
+    run = ["live", "run", "--url", mtls_server.grpc_url, "--model", "twin", "--input",
+           str(events), "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+           "--tls-key", str(pki.client_key)]
+    monkeypatch.setenv(API_KEY_ENV, api_key)
+    assert main(run) == 1
+    assert "cannot read the config of 'twin_live'" in caplog.text
+    assert "unknown model" in caplog.text
+    monkeypatch.delenv(API_KEY_ENV)
+    assert main(run) == 2
+    assert "requires an API key" in capsys.readouterr().err
