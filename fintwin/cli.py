@@ -15,12 +15,16 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from fintwin.errors import FintwinInputError
 from fintwin.files import atomic_path
+
+if TYPE_CHECKING:
+    from fintwin.serving.security import ClientCredentials
 
 log = logging.getLogger("fintwin")
 
@@ -155,14 +159,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "TLS-terminating proxy) and access keys. Keys come from a file or the environment only.")
     security.add_argument("--tls-cert", type=Path, help="server certificate (chain), PEM")
     security.add_argument("--tls-key", type=Path, help="server private key, PEM, unencrypted")
-    security.add_argument("--tls-client-ca", type=Path,
-                     help="CA of client certificates: mutual TLS, clients without one are refused")
+    security.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: "
+                          "mutual TLS, clients without one are refused")
     security.add_argument("--api-key-file", type=Path, help="inference needs this key in the "
-                     "fintwin-api-key header (default: $FINTWIN_API_KEY; none: open)")
+                          "fintwin-api-key header (default: $FINTWIN_API_KEY; none: open)")
     security.add_argument("--admin-key-file", type=Path, help="key of the administrative APIs "
-                     "(repository, shared memory, statistics, trace, logging) in the "
-                     "fintwin-admin-key header (default: $FINTWIN_ADMIN_KEY; none: a random one, "
-                     "i.e. closed)")
+                          "(repository, shared memory, statistics, trace, logging) in the "
+                          "fintwin-admin-key header (default: $FINTWIN_ADMIN_KEY; none: a "
+                          "random one, i.e. closed)")
 
 
 def _add_client_security(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +182,7 @@ def _add_client_security(parser: argparse.ArgumentParser) -> None:
                        help="file holding the API key (default: $FINTWIN_API_KEY)")
 
 
-def client_credentials(args: argparse.Namespace):
+def client_credentials(args: argparse.Namespace) -> ClientCredentials:
     """The ClientCredentials a command's security options ask for."""
     from fintwin.serving.security import API_KEY_ENV, ClientCredentials, ClientTls, read_key
 
@@ -194,6 +198,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.repo is None):
         raise FintwinInputError("give exactly one of --url HOST:PORT or --repo DIR")
+    if args.repo is not None and (args.tls or args.tls_ca or args.tls_cert or args.api_key_file):
+        raise FintwinInputError("--tls, --tls-ca, --tls-cert and --api-key-file apply to --url "
+                                "(a server), not to --repo")
     credentials = client_credentials(args) if args.url is not None else None
     client = TwinClient(args.url, args.protocol, args.model, args.version or "", repo=args.repo,
                         batch_size=args.batch_size, top_k=args.top_k, credentials=credentials)

@@ -183,7 +183,7 @@ class TritonTransport:
             return bool(
                 self._client.is_model_ready(self.model, self.version, headers=self._headers)
             )
-        except (InferenceServerException, OSError):
+        except (InferenceServerException, *_CONNECTION_ERRORS):
             return False
 
     def close(self) -> None:
