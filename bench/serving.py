@@ -15,7 +15,12 @@ Paths, one table row each:
   at every operator, so the 1-thread row is the like-for-like baseline;
 - onnxruntime in process: ``InProcessRunner``, i.e. the served model's onnxruntime options (one
   intra-op thread, as in the server) and input validation;
-- Triton HTTP and Triton gRPC: ``TritonTransport`` against the embedded server.
+- Triton HTTP and Triton gRPC: ``TritonTransport`` against the embedded server;
+- Triton gRPC, mutual TLS + API key: the same against a second embedded server on the same
+  repository whose gRPC endpoint speaks mutual TLS (a throwaway CA, P-256 keys) and requires
+  an API key (batch-1 latency only). Its overhead over plain gRPC, the TLS target, is also
+  measured in pairs: the same request sent over both back to back (in alternating order), the
+  median of the differences, which load that varies over seconds leaves unbiased.
 
 The onnxruntime targets are checked against the faster torch row of each cell.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -64,7 +70,9 @@ from fintwin.export.triton_repo import (
 )
 from fintwin.models.checkpoint import TrainedTwin
 from fintwin.models.module import QUANTILE_LEVELS, TwinModule
+from fintwin.serving.certificates import write_development_pki
 from fintwin.serving.client import InProcessRunner, TritonTransport
+from fintwin.serving.security import AccessControl, ClientCredentials, ClientTls, ServerTls
 from fintwin.serving.server import EmbeddedTriton
 
 Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -100,13 +108,15 @@ SETTLE_S = 0.05
 
 TORCH_PATHS = {f"torch eager, {n} thread{'s' * (n > 1)}": n for n in TORCH_THREADS}
 ORT, HTTP, GRPC = "onnxruntime in process", "Triton HTTP", "Triton gRPC"
-PATHS = (*TORCH_PATHS, ORT, HTTP, GRPC)
+GRPC_TLS = "Triton gRPC, mutual TLS + API key"
+PATHS = (*TORCH_PATHS, ORT, HTTP, GRPC, GRPC_TLS)
 
 TARGET_ORT_B1_SPEEDUP = 1.5
 TARGET_ORT_B64_SPEEDUP = 1.0
 TARGET_GRPC_P50_OVERHEAD_MS = 1.5
 TARGET_GRPC_P99_OVERHEAD_MS = 3.0
 TARGET_BATCHING_GAIN = 3.0
+TARGET_TLS_P50_OVERHEAD_MS = 0.5
 
 
 @dataclass
@@ -215,6 +225,22 @@ def latency_rounds(paths: Mapping[str, Infer], requests: list[dict[str, np.ndarr
                 paths[name](request)
                 seconds[name].append(time.perf_counter() - start)
     return {name: Latency(values) for name, values in seconds.items()}
+
+
+def paired_overhead_ms(base: Infer, other: Infer, requests: list[dict[str, np.ndarray]],
+                       n: int) -> float:
+    """Median, over ``n`` requests each sent to both paths back to back (in alternating
+    order), of ``other``'s latency minus ``base``'s, in ms."""
+    differences = []
+    for i in range(n):
+        request = requests[i % len(requests)]
+        seconds = {}
+        for infer in (base, other) if i % 2 == 0 else (other, base):
+            start = time.perf_counter()
+            infer(request)
+            seconds[infer] = time.perf_counter() - start
+        differences.append(seconds[other] - seconds[base])
+    return float(np.median(differences)) * 1e3
 
 
 def throughput(clients: list[Infer], requests: list[dict[str, np.ndarray]],
@@ -347,7 +373,8 @@ def speedup_line(what: str, cells: dict[str, dict[str, Latency]], target: float)
 
 def target_lines(latency: dict[tuple[str, int], dict[str, Latency]],
                  batch64: dict[str, dict[str, Latency]],
-                 rates: dict[tuple[str, bool, int], Throughput]) -> list[str]:
+                 rates: dict[tuple[str, bool, int], Throughput],
+                 tls_paired: dict[tuple[str, int], float]) -> list[str]:
     lines = [
         speedup_line("batch 1", {f"{e} T{t}": cell for (e, t), cell in latency.items()},
                      TARGET_ORT_B1_SPEEDUP),
@@ -361,6 +388,14 @@ def target_lines(latency: dict[tuple[str, int], dict[str, Latency]],
             + ", ".join(f"{e} T{t} {o:+.2f} ms" for (e, t), o in overheads.items())
             + f"  {verdict(max(overheads.values()) <= target)}"
         )
+    lines.append(
+        f"{GRPC_TLS} - plain gRPC, batch 1, p50 / p99 of the table, and median of paired "
+        f"differences (target <= {TARGET_TLS_P50_OVERHEAD_MS} ms): " + ", ".join(
+            f"{e} T{t} {paths[GRPC_TLS].p50 - paths[GRPC].p50:+.2f} / "
+            f"{paths[GRPC_TLS].p99 - paths[GRPC].p99:+.2f}, paired {tls_paired[(e, t)]:+.2f} ms"
+            for (e, t), paths in latency.items())
+        + f"  {verdict(max(tls_paired.values()) <= TARGET_TLS_P50_OVERHEAD_MS)}"
+    )
     clients = CLIENTS[-1]
     for path in (GRPC, HTTP):
         on, off = rates[(path, True, clients)], rates[(path, False, clients)]
@@ -412,17 +447,28 @@ def main() -> None:
             }
             for encoder, wrapper in wrappers.items()
         }
-        with EmbeddedTriton(repo, intra_op_threads=SERVER_THREADS) as server:
-            latency, batch64 = {}, {}
+        pki = write_development_pki(Path(scratch) / "pki")
+        api_key = secrets.token_urlsafe(32)
+        secure_server = EmbeddedTriton(
+            repo, intra_op_threads=SERVER_THREADS, access=AccessControl(api_key=api_key),
+            tls=ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca))
+        credentials = ClientCredentials(ClientTls(pki.ca, pki.client_cert, pki.client_key), api_key)
+        with EmbeddedTriton(repo, intra_op_threads=SERVER_THREADS) as server, secure_server:
+            latency, batch64, tls_paired = {}, {}, {}
             for encoder, wrapper in wrappers.items():
                 grpc = TritonTransport(server.grpc_url, "grpc", encoder)
                 http = TritonTransport(server.http_url, "http", encoder)
-                paths = {**in_process[encoder], HTTP: http.infer, GRPC: grpc.infer}
+                grpc_tls = TritonTransport(secure_server.grpc_url, "grpc", encoder,
+                                           credentials=credentials)
+                paths = {**in_process[encoder], HTTP: http.infer, GRPC: grpc.infer,
+                         GRPC_TLS: grpc_tls.infer}
                 for seq_len in LATENCY_LENGTHS:
                     requests = request_pool(wrapper, (1,), seq_len, seed=seq_len)
                     latency[(encoder, seq_len)] = latency_rounds(paths, requests, args.requests)
-                grpc.close()
-                http.close()
+                    tls_paired[(encoder, seq_len)] = paired_overhead_ms(
+                        grpc.infer, grpc_tls.infer, requests, args.requests)
+                for transport in (grpc, http, grpc_tls):
+                    transport.close()
                 requests = request_pool(wrapper, BATCH_SHAPE[:1], BATCH_SHAPE[1], seed=1)
                 batch64[encoder] = latency_rounds(
                     in_process[encoder], requests, max(WARMUP, args.requests // 10))
@@ -431,7 +477,7 @@ def main() -> None:
             rates = measure_throughput(server, in_process[THROUGHPUT_ENCODER], requests,
                                        args.requests)
     console.print(results_table(latency, batch64, rates, args.requests))
-    for line in target_lines(latency, batch64, rates):
+    for line in target_lines(latency, batch64, rates, tls_paired):
         console.print(line)
     console.print(f"load average at end {load_average()} ({os.cpu_count()} CPUs)")
 

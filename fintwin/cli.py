@@ -15,12 +15,16 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from fintwin.errors import FintwinInputError
 from fintwin.files import atomic_path
+
+if TYPE_CHECKING:
+    from fintwin.serving.security import ClientCredentials
 
 log = logging.getLogger("fintwin")
 
@@ -124,10 +128,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from fintwin.serving.security import (
+        ADMIN_KEY_ENV,
+        API_KEY_ENV,
+        AccessControl,
+        ServerTls,
+        read_key,
+    )
     from fintwin.serving.server import serve
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise FintwinInputError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise FintwinInputError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = None if args.tls_cert is None else ServerTls(args.tls_cert, args.tls_key,
+                                                       args.tls_client_ca)
+    admin_key = read_key(args.admin_key_file, ADMIN_KEY_ENV, "admin key")
+    access = AccessControl(read_key(args.api_key_file, API_KEY_ENV, "API key"),
+                           **({} if admin_key is None else {"admin_key": admin_key}))
     return serve(args.repo, args.host, args.http_port, args.grpc_port, args.metrics_port,
-                 intra_op_threads=args.threads)
+                 intra_op_threads=args.threads, tls=tls, access=access)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -142,6 +162,43 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per instance")
+    security = parser.add_argument_group(
+        "security", "TLS of the gRPC endpoint (HTTP and metrics then bind 127.0.0.1, for a "
+        "TLS-terminating proxy) and access keys. Keys come from a file or the environment only.")
+    security.add_argument("--tls-cert", type=Path, help="server certificate (chain), PEM")
+    security.add_argument("--tls-key", type=Path, help="server private key, PEM, unencrypted")
+    security.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: "
+                          "mutual TLS, clients without one are refused")
+    security.add_argument("--api-key-file", type=Path, help="inference needs this key in the "
+                          "fintwin-api-key header (default: $FINTWIN_API_KEY; none: open)")
+    security.add_argument("--admin-key-file", type=Path, help="key of the administrative APIs "
+                          "(repository, shared memory, statistics, trace, logging) in the "
+                          "fintwin-admin-key header (default: $FINTWIN_ADMIN_KEY; none: a "
+                          "random one, i.e. closed)")
+
+
+def _add_client_security(parser: argparse.ArgumentParser) -> None:
+    """TLS and API key options of a command that talks to a served model."""
+    group = parser.add_argument_group("security", "TLS to the server (mutual with a client "
+                                      "certificate) and the API key (from a file or "
+                                      "$FINTWIN_API_KEY only)")
+    group.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
+    group.add_argument("--tls-ca", type=Path, help="CA bundle of the server's certificate (TLS)")
+    group.add_argument("--tls-cert", type=Path, help="client certificate, PEM (mutual TLS)")
+    group.add_argument("--tls-key", type=Path, help="client private key, PEM (mutual TLS)")
+    group.add_argument("--api-key-file", type=Path,
+                       help="file holding the API key (default: $FINTWIN_API_KEY)")
+
+
+def client_credentials(args: argparse.Namespace) -> ClientCredentials:
+    """The ClientCredentials a command's security options ask for."""
+    from fintwin.serving.security import API_KEY_ENV, ClientCredentials, ClientTls, read_key
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise FintwinInputError("--tls-cert and --tls-key go together")
+    wants_tls = args.tls or args.tls_ca is not None or args.tls_cert is not None
+    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key) if wants_tls else None
+    return ClientCredentials(tls, read_key(args.api_key_file, API_KEY_ENV, "API key"))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -149,8 +206,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.repo is None):
         raise FintwinInputError("give exactly one of --url HOST:PORT or --repo DIR")
+    if args.repo is not None and (args.tls or args.tls_ca or args.tls_cert or args.api_key_file):
+        raise FintwinInputError("--tls, --tls-ca, --tls-cert and --api-key-file apply to --url "
+                                "(a server), not to --repo")
+    credentials = client_credentials(args) if args.url is not None else None
     client = TwinClient(args.url, args.protocol, args.model, args.version or "", repo=args.repo,
-                        batch_size=args.batch_size, top_k=args.top_k)
+                        batch_size=args.batch_size, top_k=args.top_k, credentials=credentials)
     try:
         predictions = client.predict(args.events, progress=True, as_of=args.as_of)
     finally:
@@ -185,6 +246,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--as-of", help="day the horizon forecast starts after (its end; default: "
                         "the last day in --events); no event may come after it")
+    _add_client_security(parser)
 
 
 def _add_twin_arguments(parser: argparse.ArgumentParser, end_flag: str, end_help: str) -> None:
@@ -307,7 +369,7 @@ def _live_run(args: argparse.Namespace) -> int:
     else:
         consumer = args.consumer or socket.gethostname()
     runner = LiveRunner(args.url, args.protocol, live_model_name(args.model), consumer,
-                        args.batch)
+                        args.batch, credentials=client_credentials(args))
     with contextlib.ExitStack() as stack:
         stack.callback(runner.close)
         if args.input is not None:
@@ -369,6 +431,7 @@ def _add_live(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--redis-out", help="add answers to this Redis stream instead of --out")
     run.add_argument("--exit-when-idle", action="store_true",
                      help="stop when --redis-stream has no new entry for 2 s")
+    _add_client_security(run)
 
     get = _command(live_sub, "get", "Show a customer's twin: events applied, last event time "
                    "and its predictions right after it.",

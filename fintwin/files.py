@@ -29,12 +29,13 @@ def sync_to_disk(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int = FILE_MODE) -> Iterator[Path]:
     """A temporary path next to ``path`` for a writer that takes a path (``DataFrame.to_parquet``,
     ``Figure.savefig``); on success it is flushed and renamed to ``path``, on failure removed.
 
     The temporary name keeps ``path``'s suffix, so writers that read the format from the
-    suffix (``.csv.gz``, ``.png``) write the right one.
+    suffix (``.csv.gz``, ``.png``) write the right one. The file gets permissions ``mode``
+    (0o600 for a secret: the temporary file is created so, and stays so).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         sync_to_disk(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -52,13 +53,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     sync_to_disk(path.parent)
 
 
-def write_atomic(path: str | Path, data: bytes | str | Iterable[bytes]) -> None:
+def write_atomic(
+    path: str | Path, data: bytes | str | Iterable[bytes], mode: int = FILE_MODE
+) -> None:
     """Write ``data`` to ``path`` atomically: bytes, text (UTF-8) or chunks of bytes (streamed,
-    e.g. a copy of a large file)."""
+    e.g. a copy of a large file), with permissions ``mode``."""
     if isinstance(data, str):
         data = data.encode()
     chunks = [data] if isinstance(data, bytes) else data
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, mode) as tmp, open(tmp, "wb") as handle:
         handle.writelines(chunks)
 
 

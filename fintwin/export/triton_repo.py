@@ -6,6 +6,7 @@ Layout written for a model ``name``::
     <repo>/<name>/fintwin.json     metadata of the latest version (featuriser spec, metrics, ...)
     <repo>/<name>/<N>/model.onnx   the exported graph of version N
     <repo>/<name>/<N>/fintwin.json metadata of version N
+    <repo>/<name>/<N>/fintwin.sha256 SHA-256 of the version's files (fintwin.export.integrity)
 
 and, next to it, the live model ``<name>_live`` (python backend; ``fintwin.live.repository``)
 through ``write_version_files``.
@@ -40,6 +41,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from fintwin.data.features import FEATURISER_KEY
 from fintwin.errors import FintwinInputError
+from fintwin.export.integrity import write_manifest
 from fintwin.files import sync_to_disk, write_atomic
 
 # The production server image (serve/docker-compose.yml) and what it can run. Triton 24.10 is
@@ -315,6 +317,7 @@ def _commit_version(
         for file_name, source in files.items():
             write_atomic(staging / file_name, _chunks(source))
         write_atomic(staging / METADATA_NAME, [metadata_bytes])
+        write_manifest(staging)
         for name, path in staged.items():
             write_atomic(path, [contents[name]])
         return _publish(model_dir, staging, staged, backups)

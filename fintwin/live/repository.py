@@ -6,6 +6,7 @@ model ``NAME``::
     <repo>/NAME_live/<N>/fintwin.json  the featuriser spec, the step graph's names and the
                                        stored state layout, provenance
     <repo>/NAME_live/<N>/model.py      a two-line shim importing fintwin.live.triton_model
+    <repo>/NAME_live/<N>/fintwin.sha256 SHA-256 of the files above (fintwin.export.integrity)
 
 fintwin is installed where the live model runs (the embedded server's virtual environment;
 serve/Dockerfile.live in production), so model.py never changes between versions.

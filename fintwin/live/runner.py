@@ -39,6 +39,7 @@ from fintwin.live.store import redis_client
 from fintwin.live.triton_model import CURSOR_OUTPUT, SEQ_OUTPUT, STATUS_OUTPUT
 from fintwin.live.twins import APPLIED, DUPLICATE, named_predictions
 from fintwin.serving.client import InvalidRequestError, TritonTransport, WireProtocol
+from fintwin.serving.security import ClientCredentials
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,16 @@ class RunStats:
 
 class LiveRunner:
     """Sends events to live model ``model`` at ``url`` in micro-batches of ``batch`` events,
-    as consumer ``consumer``, and hands each event's answer to ``emit``."""
+    as consumer ``consumer``, and hands each event's answer to ``emit``; ``credentials``: TLS
+    and API key of the server connection."""
 
     def __init__(self, url: str, protocol: WireProtocol, model: str, consumer: str,
-                 batch: int = 64, timeout_s: float = 60.0) -> None:
+                 batch: int = 64, timeout_s: float = 60.0,
+                 credentials: ClientCredentials | None = None) -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        self.transport = TritonTransport(url, protocol, model, timeout_s=timeout_s)
+        self.transport = TritonTransport(url, protocol, model, timeout_s=timeout_s,
+                                         credentials=credentials)
         config = self.transport.model_config()
         metadata = self.transport.metadata
         self.spec = stored_spec(metadata, f"live model {model!r}")

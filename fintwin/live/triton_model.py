@@ -27,7 +27,7 @@ import numpy as np
 from fintwin.errors import FintwinInputError
 from fintwin.live.events import EventBatch, event_fields, read_events
 from fintwin.live.store import open_store
-from fintwin.live.twins import APPLIED, PREDICTION_FIELD, LiveTwins
+from fintwin.live.twins import APPLIED, PREDICTION_FIELD, STEP_GRAPH, LiveTwins
 from fintwin.monitor.metrics import ModelMetrics, TimedStore
 from fintwin.monitor.served import applied_values, record_requests, triton_metrics
 
@@ -151,8 +151,9 @@ class TritonPythonModel:
         parameters = config.get("parameters", {})
         configured = parameters.get(STATE_STORE_PARAMETER, {}).get("string_value", "")
         threads = int(parameters.get(INTRA_OP_THREADS_PARAMETER, {}).get("string_value") or 1)
-        repository = version_dir.resolve().parent.parent  # the exported one (the embedded
-        url = store_url(configured, repository)  # server serves it through a symlink)
+        # the exported repository: the embedded server serves a copy whose files are links to it
+        repository = (version_dir / STEP_GRAPH).resolve().parent.parent.parent
+        url = store_url(configured, repository)
         metrics = triton_metrics(pb_utils, args)
         store = TimedStore(open_store(url), metrics)
         self.model = LiveModel(

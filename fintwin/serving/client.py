@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from fintwin.data.contract import TensorSpec, model_inputs
 from fintwin.data.features import stored_spec
+from fintwin.errors import FintwinInputError
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     FEATURISER_PARAMETER,
@@ -41,11 +43,14 @@ from fintwin.serving.python_model import (
     config_parameter,
     read_metadata,
 )
+from fintwin.serving.security import API_KEY_ENV, ClientCredentials
 
 WireProtocol = Literal["grpc", "http"]
 _CLIENT_MODULES = {"grpc": grpcclient, "http": httpclient}
 # tritonclient's status of a refused request: HTTP 400, gRPC INVALID_ARGUMENT
 _INVALID_REQUEST_STATUSES = frozenset({"400", "StatusCode.INVALID_ARGUMENT"})
+# what the HTTP client (geventhttpclient) raises when a connection or TLS handshake fails
+_CONNECTION_ERRORS = (OSError, HTTPException)
 
 
 class InferenceError(RuntimeError):
@@ -56,6 +61,25 @@ class InvalidRequestError(InferenceError):
     """The model refused the batch as invalid (HTTP 400 / gRPC INVALID_ARGUMENT, or the same
     check in process): the message names the input, row and expected value; retrying the same
     batch fails again."""
+
+
+class AccessDeniedError(InferenceError, FintwinInputError):
+    """The server refused the request for want of the right key (a restricted API)."""
+
+
+_RESTRICTED = "is restricted"  # tritonserver's refusal of a request without the expected header
+
+
+def _failure(exc: InferenceServerException, what: str) -> InferenceError:
+    """The error to raise for a request the server refused or failed."""
+    message = f"{what}: {exc.message()}"
+    if _RESTRICTED in (exc.message() or ""):
+        return AccessDeniedError(
+            f"{message} (the server requires an API key: give --api-key-file or ${API_KEY_ENV})"
+        )
+    if exc.status() in _INVALID_REQUEST_STATUSES:
+        return InvalidRequestError(message)
+    return InferenceError(message)
 
 
 class Transport(Protocol):
@@ -91,8 +115,9 @@ class TritonTransport:
 
     ``url`` is ``host:port`` of the gRPC or HTTP endpoint; ``version=""`` lets the server pick
     (its version policy: the latest by default); ``timeout_s`` bounds each call on the client
-    side. A gRPC transport can be shared by threads; an HTTP one (gevent underneath) must be
-    used by one thread only: give each thread its own.
+    side. ``credentials``: TLS (mutual with a client certificate) and the API key sent with
+    every request (``fintwin.serving.security``). A gRPC transport can be shared by threads; an
+    HTTP one (gevent underneath) must be used by one thread only: give each thread its own.
     """
 
     def __init__(
@@ -103,19 +128,30 @@ class TritonTransport:
         version: str = "",
         *,
         timeout_s: float = 60.0,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         if protocol not in _CLIENT_MODULES:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        credentials = credentials or ClientCredentials()
+        tls = credentials.tls
+        if tls is not None:
+            tls.check()
         self._module = _CLIENT_MODULES[protocol]
         if protocol == "grpc":
-            self._client = grpcclient.InferenceServerClient(url)
+            self._client = grpcclient.InferenceServerClient(
+                url, **(tls.grpc_options() if tls is not None else {})
+            )
             self._infer_kwargs = {"client_timeout": timeout_s}
         else:
             self._client = httpclient.InferenceServerClient(
-                url, connection_timeout=timeout_s, network_timeout=timeout_s
+                url,
+                connection_timeout=timeout_s,
+                network_timeout=timeout_s,
+                **(tls.http_options() if tls is not None else {}),
             )
             self._infer_kwargs = {}
-        self.protocol = protocol
+        self._headers = credentials.headers(protocol)
+        self.url, self.protocol = url, protocol
         self.model = model
         self.version = version
         self._layout: _Layout | None = None
@@ -130,15 +166,13 @@ class TritonTransport:
                 [self._infer_input(name, array, layout) for name, array in inputs.items()],
                 model_version=self.version,
                 outputs=[self._module.InferRequestedOutput(name) for name in layout.outputs],
+                headers=self._headers,
                 **self._infer_kwargs,
             )
         except InferenceServerException as exc:
-            error = (
-                InvalidRequestError if exc.status() in _INVALID_REQUEST_STATUSES else InferenceError
-            )
-            raise error(
-                f"{self.protocol} inference on {self.model!r} failed: {exc.message()}"
-            ) from exc
+            raise _failure(exc, f"{self.protocol} inference on {self.model!r} failed") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self._unreachable(exc) from exc
         return {
             name: self._model_shape(name, result.as_numpy(name), layout) for name in layout.outputs
         }
@@ -146,8 +180,10 @@ class TritonTransport:
     def ready(self) -> bool:
         """Whether the server answers and the model is ready."""
         try:
-            return bool(self._client.is_model_ready(self.model, self.version))
-        except (InferenceServerException, OSError):
+            return bool(
+                self._client.is_model_ready(self.model, self.version, headers=self._headers)
+            )
+        except (InferenceServerException, *_CONNECTION_ERRORS):
             return False
 
     def close(self) -> None:
@@ -158,10 +194,14 @@ class TritonTransport:
         """The served model's configuration as JSON-like dict."""
         try:
             if self.protocol == "grpc":
-                return self._client.get_model_config(self.model, self.version, as_json=True)["config"]
-            return self._client.get_model_config(self.model, self.version)
+                return self._client.get_model_config(
+                    self.model, self.version, headers=self._headers, as_json=True
+                )["config"]
+            return self._client.get_model_config(self.model, self.version, headers=self._headers)
         except InferenceServerException as exc:
-            raise InferenceError(f"cannot read the config of {self.model!r}: {exc.message()}") from exc
+            raise _failure(exc, f"cannot read the config of {self.model!r}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self._unreachable(exc) from exc
 
     @property
     def max_batch_elements(self) -> int:
@@ -179,6 +219,12 @@ class TritonTransport:
             raise InferenceError(f"model {self.model!r} carries no {FEATURISER_PARAMETER} parameter; "
                                  "export it with `fintwin export`")
         return json.loads(parameters[FEATURISER_PARAMETER]["string_value"])
+
+    def _unreachable(self, exc: Exception) -> InferenceError:
+        return InferenceError(
+            f"no {self.protocol} answer from {self.url} ({type(exc).__name__}: {exc}): is the "
+            "server up, and do its TLS settings (certificate, client certificate) match ours?"
+        )
 
     def _get_layout(self) -> _Layout:
         if self._layout is None:
@@ -315,7 +361,8 @@ class TwinClient:
     """Featurise raw events exactly as in training and score them on Triton or in process.
 
     ``TwinClient(url="127.0.0.1:8001", protocol="grpc", model="fintwin")`` talks to a server;
-    ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process.
+    ``TwinClient(repo="model_repository", model="fintwin")`` runs onnxruntime in process;
+    ``credentials`` (TLS, API key) are those of the server connection.
     ``predict(events)`` returns one row per customer. Each customer keeps its most recent
     ``max_len`` events (the model refuses longer sequences); a call holds at most ``batch_size``
     customers, fewer when the model's ``max_batch_elements`` budget needs it.
@@ -323,12 +370,13 @@ class TwinClient:
 
     def __init__(self, url: str | None = None, protocol: WireProtocol = "grpc", model: str = "fintwin",
                  version: str = "", *, repo: Path | None = None, batch_size: int = 256,
-                 top_k: int = 3) -> None:
+                 top_k: int = 3, credentials: ClientCredentials | None = None) -> None:
         if (url is None) == (repo is None):
             raise ValueError("give exactly one of url (a Triton server) or repo (in-process)")
         self.transport: Transport = (
             InProcessRunner(Path(repo), model, int(version) if version else None)
-            if repo is not None else TritonTransport(url, protocol, model, version))
+            if repo is not None
+            else TritonTransport(url, protocol, model, version, credentials=credentials))
         metadata = self.transport.metadata
         self.spec = stored_spec(metadata, f"model {model!r}")
         self.quantiles = list(metadata["quantiles"])

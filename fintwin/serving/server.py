@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -37,6 +38,8 @@ from types import TracebackType
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fintwin.errors import FintwinInputError
+from fintwin.export.integrity import verify_version, version_files
 from fintwin.export.triton_repo import (
     CONFIG_NAME,
     METADATA_NAME,
@@ -46,6 +49,7 @@ from fintwin.export.triton_repo import (
     model_versions,
     read_model_config,
 )
+from fintwin.serving.security import AccessControl, ServerTls, without_keys
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ STUB_NAME = "triton_python_backend_stub"
 HEALTH_CHECK_INTERVAL_S = 0.5
 BROKEN_SERVER_STOP_TIMEOUT_S = 2.0
 _PR_SET_PDEATHSIG = 1
+LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = frozenset({LOOPBACK, "localhost", "::1"})
 
 
 class ServerError(RuntimeError):
@@ -66,9 +72,12 @@ class ServerError(RuntimeError):
 def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 1) -> list[str]:
     """Derive a python-backend repository in ``dest`` from the exported ``repo``.
 
-    Returns the model names. Every numeric version is linked; the config's version policy
-    decides which ones the server loads. Models that are python-backend models already (the
-    live models, ``fintwin.live.repository``) are linked whole and served as exported.
+    Returns the model names. Every numeric version is checked against its integrity manifest
+    (``fintwin.export.integrity``) and linked; the config's version policy decides which ones
+    the server loads. Models that are python-backend models already (the live models,
+    ``fintwin.live.repository``) are served as exported, each file of a version linked into a
+    directory of the runtime repository: what the python backend writes next to ``model.py``
+    (``__pycache__``) stays there, out of the verified exported version.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -80,10 +89,14 @@ def build_runtime_repository(repo: Path, dest: Path, *, intra_op_threads: int = 
         versions = model_versions(model_dir)
         if not versions:
             raise ModelRepositoryError(f"model {model_dir} has no numeric version directory")
+        for version in versions:
+            verify_version(model_dir / str(version))
         production = read_model_config(model_dir / CONFIG_NAME)
         if production.backend == "python":  # the live model: served as it is exported
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
+            (dest / model_dir.name).mkdir(parents=True)
+            (dest / model_dir.name / CONFIG_NAME).symlink_to((model_dir / CONFIG_NAME).resolve())
+            for version in versions:
+                _link_files(model_dir / str(version), dest / model_dir.name / str(version))
             continue
         config = runtime_config(production, intra_op_threads)
         (dest / model_dir.name).mkdir(parents=True)
@@ -116,6 +129,13 @@ def runtime_config(production: mc.ModelConfig, intra_op_threads: int = 1) -> mc.
     )
     config.parameters[INTRA_OP_THREADS_PARAMETER].string_value = str(intra_op_threads)
     return config
+
+
+def _link_files(source: Path, dest: Path) -> None:
+    """A directory ``dest`` holding a symlink to each file of the version ``source``."""
+    for name in version_files(source):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).symlink_to((source / name).resolve())
 
 
 def _link_version(source: Path, dest: Path) -> None:
@@ -156,7 +176,8 @@ def server_environment() -> dict[str, str]:
     environment's python. LD_LIBRARY_PATH holds this interpreter's libpython first: the stub
     otherwise binds the system libpython3.X, whose ABI differs from the running interpreter
     (model load fails with ``'_thread.RLock' object has no attribute '_recursion_count'``),
-    then the libraries bundled with nvidia-pytriton (libcudart, ...).
+    then the libraries bundled with nvidia-pytriton (libcudart, ...). The API and admin key
+    variables are left out.
     """
     libdir = sysconfig.get_config_var("LIBDIR")
     if not libdir or not list(
@@ -166,7 +187,7 @@ def server_environment() -> dict[str, str]:
             f"no shared libpython in {libdir}: the python backend stub needs a Python built "
             "with --enable-shared"
         )
-    env = dict(os.environ)
+    env = without_keys(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     bundled_libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
     library_path = [libdir, str(bundled_libs), env.get("LD_LIBRARY_PATH", "")]
@@ -203,6 +224,11 @@ class EmbeddedTriton:
     stub survives it; it also gets SIGTERM if the thread that started it dies (Linux
     PR_SET_PDEATHSIG), so start it from a thread that outlives it (normally the main thread).
     Temporary files (runtime repository, backends, log) are removed on exit.
+
+    ``tls``: the gRPC endpoint speaks TLS (mutual with a client CA) and the HTTP and metrics
+    endpoints bind 127.0.0.1 whatever ``host`` is. ``access``: the keys the server checks
+    (``fintwin.serving.security``); by default inference is open and the administrative APIs
+    need a random admin key, whose headers ``admin_headers`` gives to this process only.
     """
 
     def __init__(
@@ -217,9 +243,13 @@ class EmbeddedTriton:
         startup_timeout_s: float = 120.0,
         shutdown_timeout_s: float = 15.0,
         log_verbose: int = 0,
+        tls: ServerTls | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self.repo = Path(repo)
         self.host = host
+        self.tls = tls
+        self.access = access if access is not None else AccessControl()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.intra_op_threads = intra_op_threads
         self.startup_timeout_s = startup_timeout_s
@@ -233,19 +263,24 @@ class EmbeddedTriton:
         self.shm_prefix = f"fintwin_{uuid.uuid4().hex[:12]}_"
 
     @property
+    def http_host(self) -> str:
+        """Address of the HTTP and metrics endpoints: loopback when TLS is on."""
+        return LOOPBACK if self.tls is not None else self.host
+
+    @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint, as tritonclient expects it."""
-        return f"{self._client_host}:{self.ports['http']}"
+        return f"{_client_host(self.http_host)}:{self.ports['http']}"
 
     @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint."""
-        return f"{self._client_host}:{self.ports['grpc']}"
+        return f"{_client_host(self.host)}:{self.ports['grpc']}"
 
     @property
     def metrics_url(self) -> str:
         """Prometheus metrics endpoint."""
-        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+        return f"http://{_client_host(self.http_host)}:{self.ports['metrics']}/metrics"
 
     @property
     def running(self) -> bool:
@@ -259,9 +294,10 @@ class EmbeddedTriton:
             raise ServerError("the server has not been started")
         return self.workdir / "tritonserver.log"
 
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers of a request (``protocol`` "grpc" or "http") to an administrative API
+        (statistics, model repository, ...)."""
+        return self.access.admin_headers(protocol)
 
     def __enter__(self) -> EmbeddedTriton:
         self.start()
@@ -280,6 +316,8 @@ class EmbeddedTriton:
         if self.process is not None:
             raise ServerError("the server is already started")
         check_stub_numpy()
+        if self.tls is not None:
+            self.tls.check()
         self.workdir = Path(tempfile.mkdtemp(prefix="fintwin-triton-"))
         try:
             self.models = build_runtime_repository(
@@ -298,9 +336,10 @@ class EmbeddedTriton:
             self.stop()
             raise
         logger.info(
-            "tritonserver ready: http %s, grpc %s, metrics %s",
+            "tritonserver ready: http %s, grpc %s%s, metrics %s",
             self.http_url,
             self.grpc_url,
+            "" if self.tls is None else " (mutual TLS)" if self.tls.client_ca else " (TLS)",
             self.metrics_url,
         )
 
@@ -348,14 +387,14 @@ class EmbeddedTriton:
             return "(no server log)"
         errors = [line for line in lines if LOG_ERROR_LINE.match(line)]
         excerpt = ["errors:", *errors[-10:], "last lines:", *lines[-tail_lines:]]
-        return "\n".join(
+        return self.access.redact("\n".join(
             line if len(line) <= max_chars else line[:max_chars] + " ..." for line in excerpt
-        )
+        ))
 
     def _choose_ports(self) -> None:
-        missing = [name for name, port in self.ports.items() if port is None]
-        for name, port in zip(missing, free_ports(self.host, len(missing)), strict=True):
-            self.ports[name] = port
+        for name, port in self.ports.items():
+            if port is None:
+                self.ports[name] = free_ports(self.host if name == "grpc" else self.http_host, 1)[0]
 
     def _launch(self, backends: Path) -> None:
         command = [
@@ -368,16 +407,25 @@ class EmbeddedTriton:
             "--exit-on-error=true",
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={max(1, int(self.shutdown_timeout_s) - 2)}",
-            f"--http-address={self.host}",
+            f"--http-address={self.http_host}",
             f"--http-port={self.ports['http']}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.ports['grpc']}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.http_host}",
             f"--metrics-port={self.ports['metrics']}",
             f"--log-verbose={self.log_verbose}",
+            *(self.tls.flags() if self.tls is not None else []),
+            *self.access.flags(),
         ]
+        logger.debug("starting %s", self.access.redact(shlex.join(command)))
+        if self.tls is None and self.host not in LOOPBACK_HOSTS:
+            logger.warning(
+                "serving plain text on %s: requests, answers and any API key cross the network "
+                "unencrypted (give a TLS certificate and key)",
+                self.host,
+            )
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, called in the child
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -406,6 +454,11 @@ class EmbeddedTriton:
             f"tritonserver was not ready within {self.startup_timeout_s:.0f} s; "
             f"its log:\n{self.log_excerpt()}"
         )
+
+
+def _client_host(host: str) -> str:
+    """Where a client on this machine reaches an endpoint bound to ``host``."""
+    return LOOPBACK if host in ("0.0.0.0", "") else host
 
 
 def python_stubs(server_pid: int) -> dict[int, str]:
@@ -478,10 +531,13 @@ def serve(
     metrics_port: int | None = 8002,
     *,
     intra_op_threads: int = 1,
+    tls: ServerTls | None = None,
+    access: AccessControl | None = None,
 ) -> int:
     """``fintwin serve``: run the embedded server until SIGINT/SIGTERM; return the exit code.
 
-    0 after a clean shutdown on a signal, 2 when the repository is unusable, 1 when the server
+    0 after a clean shutdown on a signal, 2 when the repository is unusable (a version whose
+    files differ from its integrity manifest included) or a certificate or key is, 1 when the server
     fails to start, or when tritonserver or a model's python backend stub dies while serving:
     checked every ``HEALTH_CHECK_INTERVAL_S``, the server is then stopped at once (its
     endpoints, readiness included, stop answering) so that a supervisor restarts the command.
@@ -493,7 +549,14 @@ def serve(
         signal.signal(signum, lambda *_: stop.set())
     try:
         with EmbeddedTriton(
-            repo, host, http_port, grpc_port, metrics_port, intra_op_threads=intra_op_threads
+            repo,
+            host,
+            http_port,
+            grpc_port,
+            metrics_port,
+            intra_op_threads=intra_op_threads,
+            tls=tls,
+            access=access,
         ) as server:
             logger.info("serving %s (models: %s); stop with Ctrl-C", repo, ", ".join(server.models))
             while not stop.wait(HEALTH_CHECK_INTERVAL_S):
@@ -508,7 +571,7 @@ def serve(
                     server.stop(timeout_s=BROKEN_SERVER_STOP_TIMEOUT_S)
                     return 1
         return 0
-    except ModelRepositoryError as exc:
+    except FintwinInputError as exc:
         logger.error("%s", exc)
         return 2
     except ServerError as exc:

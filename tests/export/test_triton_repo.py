@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fintwin.export import triton_repo
+from fintwin.export import integrity, triton_repo
 from fintwin.export.triton_repo import (
     STAGING_PREFIX,
     ModelRepositoryError,
@@ -158,7 +158,11 @@ def test_layout_and_metadata_per_version(tmp_path, onnx_file):
 
     model_dir = tmp_path / "twin"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "fintwin.json"]
-    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["fintwin.json", "model.onnx"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == [
+        "fintwin.json",
+        "fintwin.sha256",
+        "model.onnx",
+    ]
     assert (model_dir / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
     stored = json.loads((model_dir / "1" / "fintwin.json").read_text())
     assert stored["vocab"] == METADATA["vocab"] and stored["horizon_days"] == 90.0
@@ -192,18 +196,19 @@ EROFS = OSError(errno.EROFS, os.strerror(errno.EROFS))
 RETRAINED = {**METADATA, "vocab": {"buy": 2, "return": 4, "visit": 3}, "source_commit": "new"}
 
 
-def _failing_write(monkeypatch, error: OSError, fails_on) -> None:
-    """Writes of files matching ``fails_on`` stop half-way with ``error`` (a full disk)."""
-    real_write = triton_repo.write_atomic
+def _failing_write(monkeypatch, error: OSError, fails_on, module=triton_repo) -> None:
+    """Writes (by ``module``) of files matching ``fails_on`` stop half-way with ``error`` (a
+    full disk)."""
+    real_write = module.write_atomic
 
     def write(path: Path, chunks) -> None:
         if not fails_on(path):
             return real_write(path, chunks)
-        data = b"".join(chunks)
+        data = chunks if isinstance(chunks, bytes) else b"".join(chunks)
         path.write_bytes(data[: len(data) // 2])
         raise OSError(error.errno, error.strerror, str(path))
 
-    monkeypatch.setattr(triton_repo, "write_atomic", write)
+    monkeypatch.setattr(module, "write_atomic", write)
 
 
 def _failing_rename(monkeypatch, function: str, error: OSError, fails_on) -> None:
@@ -235,6 +240,9 @@ FAILURES = {  # where the disk gives out -> how to make it give out there
     ),
     "version metadata": lambda mp: _failing_write(
         mp, ENOSPC, lambda p: p.name == "fintwin.json" and _is_staged(p.parent)
+    ),
+    "integrity manifest": lambda mp: _failing_write(
+        mp, ENOSPC, lambda p: p.name == integrity.MANIFEST_NAME, integrity
     ),
     "config.pbtxt": lambda mp: _failing_write(
         mp, ENOSPC, lambda p: p.name.endswith("config.pbtxt")

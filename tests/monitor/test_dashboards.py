@@ -62,7 +62,9 @@ def test_every_panel_reads_the_provisioned_prometheus(services):
             if source is not None:
                 assert source == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"]).groups()
-    assert host in services and f"{port}:{port}" in services[host]["ports"]
+    # Prometheus lives in tritonserver's network namespace, which publishes its port
+    assert services["prometheus"]["network_mode"] == f"service:{host}"
+    assert f"127.0.0.1:{port}:{port}" in services[host]["ports"]
 
 
 def test_grafana_mounts_the_provisioning_and_the_dashboard_where_they_point(services):
@@ -83,5 +85,6 @@ def test_prometheus_reads_the_scrape_config_that_targets_tritons_metrics_port(se
     triton = flags(services["tritonserver"]["command"][1:])
     targets = [t for job in config["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]]
-    assert targets == [f"tritonserver:{triton['metrics-port']}"]
+    assert triton["metrics-address"] == "127.0.0.1"  # reached from the shared namespace
+    assert targets == [f"127.0.0.1:{triton['metrics-port']}"]
     assert config["scrape_configs"][0]["metrics_path"] == "/metrics"

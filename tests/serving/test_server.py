@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import np_to_triton_dtype
 
+from fintwin.export.integrity import write_manifest
 from fintwin.export.triton_repo import (
     TRITON_VERSION,
     ModelRepositoryError,
@@ -224,7 +225,9 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(standin_onnx, stan
                 )
             for _ in jobs:
                 assert done.acquire(timeout=30)
-            stats = settled_statistics(client, standin.model_name, inferences=len(jobs))
+            stats = settled_statistics(
+                client, standin.model_name, len(jobs), headers=server.admin_headers("grpc")
+            )
         finally:
             client.close()
 
@@ -236,11 +239,16 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(standin_onnx, stan
     assert int(stats["execution_count"]) == 1
 
 
-def settled_statistics(client, model: str, inferences: int, attempts: int = 50) -> dict:
+def settled_statistics(
+    client, model: str, inferences: int, headers: dict[str, str], attempts: int = 50
+) -> dict:
     """The model's statistics once Triton has recorded ``inferences`` requests (it records them
-    just after sending the responses), or the last ones read after ``attempts`` polls."""
+    just after sending the responses), or the last ones read after ``attempts`` polls; the
+    statistics API is restricted: ``headers`` carry the server's admin key."""
     for _ in range(attempts):
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        stats = client.get_inference_statistics(model, headers=headers, as_json=True)[
+            "model_stats"
+        ][0]
         if int(stats.get("inference_count", 0)) >= inferences:
             break
         time.sleep(0.1)
@@ -288,6 +296,7 @@ def test_model_that_fails_to_load_reports_the_server_log(model_repo, standin, tm
         (model_repo / standin.model_name / "config.pbtxt").read_text()
     )
     (broken / standin.model_name / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    write_manifest(broken / standin.model_name / "1")  # intact as recorded, unloadable
     server = EmbeddedTriton(broken, startup_timeout_s=60)
 
     with pytest.raises(ServerError) as error:
