@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fintwin.errors import FintwinInputError
+from fintwin.live.alerts import AlertConfig
 from fintwin.live.events import EventBatch, event_fields, read_events
 from fintwin.live.store import open_store
 from fintwin.live.twins import PREDICTION_FIELD, LiveTwins
@@ -38,6 +39,7 @@ STATE_STORE_PARAMETER = "state_store"
 STATE_STORE_ENV = "FINTWIN_STATE_STORE"
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
 STATUS_OUTPUT, SEQ_OUTPUT, CURSOR_OUTPUT = "status", "seq", "stored_cursor"
+ALERTS_OUTPUT, TAILS_OUTPUT = "alerts", "event_tail_probs"
 
 Result = dict[str, np.ndarray] | Exception
 
@@ -118,7 +120,11 @@ class LiveModel:
         outputs[STATUS_OUTPUT] = np.full((rows, 1), b"", dtype=object)
         outputs[SEQ_OUTPUT] = np.zeros((rows, 1), dtype=np.int64)
         outputs[CURSOR_OUTPUT] = np.full((rows, 1), b"", dtype=object)
+        outputs[ALERTS_OUTPUT] = np.full((rows, 1), b"[]", dtype=object)
+        outputs[TAILS_OUTPUT] = np.full((rows, 3), np.nan, np.float32)
         answers = twins.apply(batch)
+        outputs[ALERTS_OUTPUT][batch.rows, 0] = [json.dumps(a).encode() for a in answers.alerts]
+        outputs[TAILS_OUTPUT][batch.rows] = answers.tails
         for name in twins.graph.outputs:
             outputs[name][batch.rows] = answers.outputs[name]
         outputs[STATUS_OUTPUT][batch.rows, 0] = [s.encode() for s in answers.status]
@@ -144,9 +150,9 @@ class TritonPythonModel:
         repository = version_dir.resolve().parent.parent  # the exported one (the embedded
         url = store_url(configured, repository)  # server serves it through a symlink)
         store = open_store(url)
-        self.model = LiveModel(
-            LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads)
-        )
+        alerts = AlertConfig.from_parameters(parameters, f"live model {config['name']} config")
+        self.model = LiveModel(LiveTwins(version_dir, store, config["name"],
+                                         int(args["model_version"]), threads, alerts))
         pb_utils.Logger.log_info(
             f"live model {config['name']} version {args['model_version']}: step graph "
             f"{version_dir / 'step.onnx'}, state store {_redacted(url)}"

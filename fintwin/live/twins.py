@@ -17,9 +17,12 @@ the customer's sequence number and the twin's predictions right after the event 
   events are stepped again from the fresh state, up to ``MAX_ATTEMPTS`` times, and answered
   ``conflict`` (nothing applied, send again) only when every attempt lost.
 
-The stored record of a customer is the step graph's state and the predictions after its last
-event (``prediction:<output>`` fields), so a twin's current predictions are read back without
-running anything (``summary``). ``bootstrap`` computes the states of every customer of a
+The stored record of a customer is the step graph's state, the predictions after its last
+event (``prediction:<output>`` fields, the predictive distribution's parameters among them)
+and the alerts' state (``fintwin.live.alerts``), so a twin's current predictions are read back
+without running anything (``summary``). Every applied event is answered with its alerts
+(``churn_risk``, ``unusual_event``), computed from the record before it and stored with the
+new state in one transaction. ``bootstrap`` computes the states of every customer of a
 history file in batched rounds and writes them with their event counts as sequence numbers.
 """
 
@@ -38,6 +41,14 @@ import pandas as pd
 
 from fintwin.data.features import NS_PER_DAY, FeaturiserSpec, customer_groups, stored_spec
 from fintwin.errors import FintwinInputError
+from fintwin.live.alerts import (
+    ALERT_STATE,
+    CHURN_STATE,
+    PARTS,
+    AlertConfig,
+    EventAlerts,
+    event_alerts,
+)
 from fintwin.live.events import EventBatch, position_key
 from fintwin.live.store import (
     StateLayout,
@@ -75,6 +86,7 @@ class StepGraph:
     silence_input: str
     state: dict[str, tuple[str, str]]  # field -> (graph input, graph output)
     outputs: tuple[str, ...]
+    distribution: tuple[str, ...]  # stored like outputs, not answered
 
     @classmethod
     def from_metadata(cls, step: Mapping) -> StepGraph:
@@ -83,6 +95,7 @@ class StepGraph:
             step["silence_input"],
             {name: tuple(names) for name, names in step["state"].items()},
             tuple(step["outputs"]),
+            tuple(step.get("distribution", ())),
         )
 
 
@@ -94,6 +107,8 @@ class Answers:
     seq: np.ndarray  # int64: the customer's events applied, after this one when applied
     outputs: dict[str, np.ndarray]  # prediction fields' shapes; NaN where there is none
     cursor: str  # the consumer's stored position after the batch ('' without a consumer)
+    alerts: list[list[dict]]  # the alerts each event raised (none when not applied)
+    tails: np.ndarray  # [n, 3] the event's tail probabilities (alerts.PARTS); NaN: none
 
 
 @dataclass
@@ -110,11 +125,12 @@ class LiveTwins:
     """The live twins of one version of a live model (its version directory) in ``store``.
 
     ``model`` and ``version`` key the states (the live model's Triton name and version); the
-    store's layout for them is declared from the version's metadata.
+    store's layout for them is declared from the version's metadata. ``alerts``: the alert
+    thresholds (the live model's config parameters; defaults when None).
     """
 
     def __init__(self, version_dir: Path, store: StateStore, model: str, version: int,
-                 threads: int = 1) -> None:
+                 threads: int = 1, alerts: AlertConfig | None = None) -> None:
         version_dir = Path(version_dir)
         metadata = json.loads((version_dir / METADATA_NAME).read_text())
         source = str(version_dir / METADATA_NAME)
@@ -125,6 +141,14 @@ class LiveTwins:
         self.graph = StepGraph.from_metadata(metadata[STEP_KEY])
         self.layout = StateLayout.from_json(metadata[STEP_KEY]["layout"])
         self.shapes = {spec.name: spec.shape for spec in self.layout.fields}
+        needed = [*ALERT_STATE, *(PREDICTION_FIELD.format(n) for n in self.graph.distribution)]
+        if not self.graph.distribution or any(name not in self.shapes for name in needed):
+            raise FintwinInputError(
+                f"{source}: a live model exported without the alerts' fields (predictive "
+                "distribution, alert state); export the model again (fintwin export)"
+            )
+        self.alerts = alerts or AlertConfig()
+        self.labels = self.spec.vocab.labels()
         self.session = load_onnx(version_dir / STEP_GRAPH, threads)
         self.store, self.model, self.version = store, model, int(version)
         store.declare(model, self.version, self.layout)
@@ -139,6 +163,8 @@ class LiveTwins:
             outputs={name: np.full((n, *self.shapes[PREDICTION_FIELD.format(name)]), np.nan,
                                    dtype=np.float32) for name in self.graph.outputs},
             cursor="",
+            alerts=[[] for _ in range(n)],
+            tails=np.full((n, len(PARTS)), np.nan),
         )
         loaded = self.load(np.unique(events.customer_ids))
         todo, position = self._replayed(events, answers, loaded)
@@ -208,6 +234,8 @@ class LiveTwins:
                 continue
             answers.status[event] = APPLIED
             answers.seq[event] = stepped.seq[row]
+            answers.alerts[event] = stepped.alerts[row]
+            answers.tails[event] = stepped.tails[row]
             for name in self.graph.outputs:
                 answers.outputs[name][event] = stepped.outputs[name][row]
         return np.array([e for e in todo if events.customer_ids[e] in lost], dtype=np.int64)
@@ -240,15 +268,24 @@ class LiveTwins:
                              (timestamps - loaded.last_ns[index]) / NS_PER_DAY, 0.0)
             features = {name: events.features[name][event] for name in self.graph.event_inputs}
             features["delta_t"] = delta.astype(np.float32)
-            new = self.run(features, {name: value[index] for name, value in loaded.arrays.items()})
+            before = {name: value[index] for name, value in loaded.arrays.items()}
+            new = self.run(features, before)
+            raised = event_alerts(
+                self.alerts, before, loaded.seq[index], new,
+                {"event_type": features["event_type"], "amount": features["amount"],
+                 "gap_days": delta, "timestamp_ns": timestamps},
+                self.labels, self.spec.horizon_days,
+            )
+            new[CHURN_STATE] = raised.churn_state
             for name, value in new.items():
                 loaded.arrays[name][index] = value
             loaded.seq[index] += 1
             loaded.last_ns[index] = timestamps
-            stepped.record(len(updates), event, loaded.seq[index], new, self.graph.outputs)
+            stepped.record(len(updates), event, loaded.seq[index], new, self.graph.outputs, raised)
             updates += [
                 StateUpdate(str(events.customer_ids[e]), int(seq), int(ts),
-                            {name: value[j] for name, value in new.items()})
+                            {name: value[j] for name, value in new.items()},
+                            tuple((a["kind"], json.dumps(a)) for a in raised.alerts[j]))
                 for j, (e, seq, ts) in enumerate(zip(event, loaded.seq[index], timestamps,
                                                      strict=True))
             ]
@@ -262,10 +299,11 @@ class LiveTwins:
         feeds = {name: features[name] for name in graph.event_inputs}
         feeds[graph.silence_input] = np.zeros(len(feeds[graph.event_inputs[0]]), np.float32)
         feeds |= {inputs: states[name] for name, (inputs, _) in graph.state.items()}
-        names = list(graph.outputs) + [output for _, output in graph.state.values()]
+        predicted = graph.outputs + graph.distribution
+        names = list(predicted) + [output for _, output in graph.state.values()]
         values = dict(zip(names, self.session.run(names, feeds), strict=True))
         new = {name: values[output] for name, (_, output) in graph.state.items()}
-        for name in graph.outputs:
+        for name in predicted:
             field = PREDICTION_FIELD.format(name)
             new[field] = values[name].reshape(len(values[name]), *self.shapes[field])
         return new
@@ -382,7 +420,8 @@ def open_live_twins(repo: Path, name: str, store: StateStore, version: int | Non
     version = versions[-1] if version is None else version
     if version not in versions:
         raise ModelRepositoryError(f"live model {name!r} has versions {versions}, not {version}")
-    return LiveTwins(model_dir / str(version), store, name, version, threads)
+    return LiveTwins(model_dir / str(version), store, name, version, threads,
+                     AlertConfig.of_model(model_dir))
 
 
 @dataclass
@@ -402,6 +441,8 @@ class Stepped:
     event: np.ndarray
     seq: np.ndarray
     outputs: dict[str, np.ndarray]
+    alerts: list[list[dict]]
+    tails: np.ndarray
 
     @classmethod
     def empty(cls, twins: LiveTwins, n: int) -> Stepped:
@@ -409,13 +450,16 @@ class Stepped:
             np.zeros(n, np.int64), np.zeros(n, np.int64),
             {name: np.zeros((n, *twins.shapes[PREDICTION_FIELD.format(name)]), np.float32)
              for name in twins.graph.outputs},
+            [[] for _ in range(n)], np.full((n, len(PARTS)), np.nan),
         )
 
     def record(self, first: int, events: np.ndarray, seq: np.ndarray,
-               new: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> None:
+               new: Mapping[str, np.ndarray], outputs: tuple[str, ...],
+               raised: EventAlerts) -> None:
         """One round's events and results, from position ``first`` on."""
         rows = slice(first, first + len(events))
         self.event[rows], self.seq[rows] = events, seq
+        self.alerts[rows], self.tails[rows] = raised.alerts, raised.tails
         for name in outputs:
             self.outputs[name][rows] = new[PREDICTION_FIELD.format(name)]
 
