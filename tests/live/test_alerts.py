@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fintwin.cli import main
 from fintwin.data.features import FEATURISER_KEY, FeaturiserSpec, Scaling, Vocab
 from fintwin.errors import FintwinInputError
 from fintwin.export.triton_repo import CONFIG_NAME, format_model_config, read_model_config
@@ -260,3 +261,23 @@ def test_a_live_model_exported_without_alert_fields_is_refused(repo, tmp_path):
     with open_store(f"sqlite:///{tmp_path / 'twins.db'}") as store, \
             pytest.raises(FintwinInputError, match="export the model again"):
         LiveTwins(old, store, LIVE, 1)
+
+
+def test_fintwin_live_sweep_emits_overdue_customers_once(repo, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'twins.db'}"
+    with open_store(url) as store:
+        apply(open_live_twins(repo, LIVE, store),
+              [("quiet", "2024-01-01T00:00:00", "card", 20.0),
+               ("quiet", "2024-01-02T00:00:00", "card", 20.0)])
+    out = tmp_path / "overdue.jsonl"
+    command = ["live", "sweep", "--repo", str(repo), "--model", MODEL, "--store", url,
+               "--as-of", "2025-06-01T00:00:00+02:00", "--out", str(out)]
+    assert main(command) == 0
+    assert main(command) == 0  # the same silence: nothing new
+    (line,) = out.read_text().splitlines()
+    alert = json.loads(line)
+    assert alert["customer_key"] == "quiet" and alert["kind"] == OVERDUE
+    assert alert["as_of"].startswith("2025-05-31T22:00:00") and alert["seq"] == 2
+    assert "1 new overdue" in capsys.readouterr().err
+    assert main([*command[:-4], "--as-of", "yesterday"]) == 2
+    assert "--as-of 'yesterday': not a timestamp" in capsys.readouterr().err
