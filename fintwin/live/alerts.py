@@ -41,7 +41,7 @@ from scipy.special import expit, ndtr
 
 from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY
 from fintwin.errors import FintwinInputError
-from fintwin.live.store import AlertRecord, StateStore, TwinState, iso_time
+from fintwin.live.store import AlertRecord, StateBatch, StateStore, iso_time
 
 CHURN_RISK, UNUSUAL_EVENT, OVERDUE = "churn_risk", "unusual_event", "overdue"
 CHURN_STATE = "alert:churn_risk"  # stored field: 1 while the churn alert is on
@@ -257,34 +257,33 @@ class Overdue:
     alert: dict
 
 
-def overdue_alerts(config: AlertConfig, keys: list[str], states: list[TwinState],
-                   now_ns: int) -> list[Overdue]:
-    """The customers of ``states`` whose silence at ``now_ns`` is past the ``overdue_level``
-    quantile of their predicted gap."""
-    if not states:
-        return []
-    last = np.array([state.timestamp_ns for state in states], dtype=np.int64)
-    silence = (now_ns - last) / NS_PER_DAY
-    mixture = np.stack([s.arrays[PREDICTION.format("gap_mixture")] for s in states]).astype(float)
-    dormant = np.array([float(s.arrays[PREDICTION.format("dormant_prob")][0]) for s in states])
+OVERDUE_FIELDS = (PREDICTION.format("gap_mixture"), PREDICTION.format("dormant_prob"))
+
+
+def overdue_alerts(config: AlertConfig, states: StateBatch, now_ns: int) -> list[Overdue]:
+    """The customers of ``states`` (with ``OVERDUE_FIELDS``) whose silence at ``now_ns`` is
+    past the ``overdue_level`` quantile of their predicted gap."""
+    silence = (now_ns - states.timestamp_ns) / NS_PER_DAY
+    mixture = states.arrays[OVERDUE_FIELDS[0]].astype(np.float64)
+    dormant = states.arrays[OVERDUE_FIELDS[1]].reshape(len(states)).astype(np.float64)
     _, survival = gap_cdf(mixture, np.maximum(silence, 0.0))
     rows = np.flatnonzero((silence > 0) & (survival < 1.0 - config.overdue_level))
     quantiles = gap_quantile(mixture[rows], config.overdue_level)
-    found = []
-    for row, quantile in zip(rows, quantiles, strict=True):
-        posterior = dormant[row] / (dormant[row] + (1 - dormant[row]) * survival[row])
-        found.append(Overdue(keys[row], {
+    posterior = dormant / (dormant + (1 - dormant) * survival)
+    return [
+        Overdue(states.keys[row], {
             "kind": OVERDUE,
-            "seq": states[row].seq,
-            "last_event_time": iso_time(int(last[row])),
+            "seq": int(states.seq[row]),
+            "last_event_time": iso_time(int(states.timestamp_ns[row])),
             "as_of": iso_time(now_ns),
             "silence_days": float(silence[row]),
             "quantile_days": float(quantile),
-            "dormant_prob_after_silence": float(posterior),
+            "dormant_prob_after_silence": float(posterior[row]),
             "inputs": {"overdue_level": config.overdue_level, "survival": float(survival[row]),
                        "dormant_prob": float(dormant[row])},
-        }))
-    return found
+        })
+        for row, quantile in zip(rows, quantiles, strict=True)
+    ]
 
 
 def sweep(store: StateStore, model: str, version: int, config: AlertConfig,
@@ -292,8 +291,8 @@ def sweep(store: StateStore, model: str, version: int, config: AlertConfig,
     """Overdue customers of ``model`` version ``version`` at ``now_ns``, over every stored
     state; each is stored (``StateStore.record_alerts``) and yielded once per silence (a
     customer still overdue at the next sweep is not yielded again)."""
-    for batch in store.states(model, version):
-        found = overdue_alerts(config, [key for key, _ in batch], [s for _, s in batch], now_ns)
+    for batch in store.states(model, version, OVERDUE_FIELDS):
+        found = overdue_alerts(config, batch, now_ns)
         records = [AlertRecord(o.customer_key, o.alert["seq"], OVERDUE, json.dumps(o.alert))
                    for o in found]
         new = store.record_alerts(model, version, records) if records else []

@@ -154,6 +154,29 @@ class StateLayout:
             encode_field(customer_id, spec, arrays.get(spec.name)) for spec in self.fields
         )
 
+    def decode_many(self, blobs: Sequence[bytes],
+                    names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The fields ``names`` (all when None) of many encoded states, each ``[n, *shape]``."""
+        wanted = set(names) if names is not None else None
+        unknown = sorted((wanted or set()) - {spec.name for spec in self.fields})
+        if unknown:
+            raise FintwinInputError(
+                f"state fields {unknown}: not in the layout ({self.describe()})"
+            )
+        if any(len(blob) != self.nbytes for blob in blobs):
+            raise StateStoreError(
+                f"a stored state does not hold the {self.nbytes} bytes of its layout: the store "
+                "is damaged or was written by another program"
+            )
+        rows = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), self.nbytes)
+        return {
+            spec.name: rows[:, offset : offset + spec.nbytes].copy()
+            .view(spec.dtype.newbyteorder("<")).astype(spec.dtype, copy=False)
+            .reshape(len(blobs), *spec.shape)
+            for spec, offset in zip(self.fields, self.offsets, strict=False)
+            if wanted is None or spec.name in wanted
+        }
+
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
         """The arrays of one encoded state (writable copies)."""
         if len(blob) != self.nbytes:
@@ -240,6 +263,20 @@ class TwinState:
     seq: int
     timestamp_ns: int
     arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StateBatch:
+    """Stored states of several customers as arrays: their keys (``StateStore.customer_key``),
+    events applied, last event times and the requested fields, each ``[n, *shape]``."""
+
+    keys: list[str]
+    seq: np.ndarray
+    timestamp_ns: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -484,14 +521,21 @@ class StateStore(ABC):
         check_model(model, version)
         return sorted(self._customer_ids(model, version))
 
-    def states(self, model: str, version: int,
-               batch: int = SCAN_BATCH) -> Iterator[list[tuple[str, TwinState]]]:
-        """Every stored state of ``model`` version ``version`` as batches of (customer key,
-        state), in no particular order; states written meanwhile may or may not be seen."""
+    def states(self, model: str, version: int, fields: Iterable[str] | None = None,
+               batch: int = SCAN_BATCH) -> Iterator[StateBatch]:
+        """Every stored state of ``model`` version ``version``, in batches of up to ``batch``
+        customers in no particular order, with the state fields ``fields`` (all when None);
+        states written meanwhile may or may not be seen."""
         layout = self.layout(model, version)
+        names = None if fields is None else list(fields)
         for rows in self._scan_states(model, version, batch):
-            yield [(key, TwinState(mark.seq, mark.timestamp_ns, layout.decode(blob)))
-                   for key, mark, blob in rows]
+            if rows:
+                yield StateBatch(
+                    [key for key, _, _ in rows],
+                    np.array([mark.seq for _, mark, _ in rows], dtype=np.int64),
+                    np.array([mark.timestamp_ns for _, mark, _ in rows], dtype=np.int64),
+                    layout.decode_many([blob for _, _, blob in rows], names),
+                )
 
     def customer_key(self, customer_id: str) -> str:
         """The key a customer's state and alerts are stored under (``states`` lists them)."""

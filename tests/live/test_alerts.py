@@ -237,10 +237,18 @@ def test_store_lists_states_and_keeps_the_first_record_of_an_alert(repo, history
         twins = open_live_twins(repo, LIVE, store)
         rows = [(f"k{i:02d}", "2024-05-01T00:00:00", "card", 10.0) for i in range(25)]
         apply(twins, rows)
-        batches = list(store.states(LIVE, 1, batch=10))
+        batches = list(store.states(LIVE, 1, [CHURN_STATE], batch=10))
         assert sorted(len(b) for b in batches) == [5, 10, 10]
-        assert sorted(key for b in batches for key, _ in b) == [row[0] for row in rows]
-        assert all(state.seq == 1 for b in batches for _, state in b)
+        assert sorted(key for b in batches for key in b.keys) == [row[0] for row in rows]
+        assert all((b.seq == 1).all() and set(b.arrays) == {CHURN_STATE} for b in batches)
+        stored = store.get(LIVE, 1, ["k03"]).states["k03"]
+        (listed,) = [b for b in store.states(LIVE, 1) if "k03" in b.keys]
+        row = listed.keys.index("k03")
+        assert listed.timestamp_ns[row] == stored.timestamp_ns
+        for name, value in stored.arrays.items():
+            np.testing.assert_array_equal(listed.arrays[name][row], value)
+        with pytest.raises(FintwinInputError, match="state fields \\['nope'\\]: not in the layout"):
+            next(store.states(LIVE, 1, ["nope"]))
         first, again = AlertRecord("k00", 1, OVERDUE, '{"n": 1}'), AlertRecord("k00", 1, OVERDUE, '{"n": 2}')
         assert store.record_alerts(LIVE, 1, [first]) == [True]
         assert store.record_alerts(LIVE, 1, [again]) == [False]
