@@ -26,6 +26,7 @@ from fintwin.live.alerts import (
     CHURN_RISK,
     CHURN_STATE,
     OVERDUE,
+    PARTS,
     UNUSUAL_EVENT,
     AlertConfig,
     event_alerts,
@@ -35,6 +36,7 @@ from fintwin.live.alerts import (
 from fintwin.live.events import read_events
 from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
 from fintwin.live.store import AlertRecord, open_store
+from fintwin.live.triton_model import ALERTS_OUTPUT, TAILS_OUTPUT, LiveModel
 from fintwin.live.twins import LiveTwins, open_live_twins
 from fintwin.models.checkpoint import TrainedTwin
 from fintwin.models.module import QUANTILE_LEVELS, TwinModule
@@ -289,3 +291,21 @@ def test_fintwin_live_sweep_emits_overdue_customers_once(repo, tmp_path, capsys)
     assert "1 new overdue" in capsys.readouterr().err
     assert main([*command[:-4], "--as-of", "yesterday"]) == 2
     assert "--as-of 'yesterday': not a timestamp" in capsys.readouterr().err
+
+
+def test_the_live_model_answers_alerts_and_tail_probabilities(repo, history, tmp_path):
+    """The Triton live model's rows: ``alerts`` (JSON) and ``event_tail_probs`` [3]."""
+    rows = history_rows(history, history["customer_id"].value_counts().index[0], "c1")
+    rows.append(("c1", "2024-12-01T00:00:00", "crypto_exchange", 1e7))
+    with open_store(f"sqlite:///{tmp_path / 'twins.db'}") as store:
+        twins = open_live_twins(repo, LIVE, store)
+        request = {name: value.reshape(-1, 1) for name, value in columns(rows).items()}
+        request = {name: (value.astype(bytes) if value.dtype == object else value)
+                   for name, value in request.items()}
+        (result,) = LiveModel(twins).answer([request])
+    alerts = [json.loads(value) for value in result[ALERTS_OUTPUT][:, 0]]
+    assert [a["kind"] for a in alerts[0]] == [CHURN_RISK]
+    assert np.isnan(result[TAILS_OUTPUT][0]).all() and result[TAILS_OUTPUT].shape == (len(rows), 3)
+    (odd,) = [a for a in alerts[-1] if a["kind"] == UNUSUAL_EVENT]
+    served = dict(zip(PARTS, result[TAILS_OUTPUT][-1].tolist(), strict=True))
+    assert odd["tails"] == pytest.approx(served, rel=1e-6)
