@@ -12,9 +12,9 @@ at the end of every day.
 
 Unusual events (every event but a customer's first, scored before it is applied):
 
-- twin: the smallest of the event's type, amount and timing tail probabilities under the
-  twin's predictive distribution before it (``fintwin.live.alerts``); alert below the live
-  model's configured ``alert_unusual_tail``;
+- twin: the event's tail probability under the twin's predictive distribution before it
+  (Fisher's combination of its type, amount and timing tails, ``fintwin.live.alerts``);
+  alert below the live model's configured ``alert_unusual_tail``;
 - amount z-score: two-sided normal tail of ``log1p(amount)`` against the customer's earlier
   events (mean, standard deviation; needs two);
 - type frequency: the share of the customer's earlier events (add-one smoothed over the
@@ -37,7 +37,7 @@ with precision >= ``--precision`` (so the methods are compared at equal precisio
 shows what that threshold gives on the test customers, with the recall (dormant customers
 alerted before onset + ``horizon_days``).
 
-Run:  python bench/early_warning.py [--customers 2500] [--epochs 8] [--ckpt CKPT]
+Run:  python bench/early_warning.py [--customers 2000] [--epochs 8] [--ckpt CKPT]
                                     [--anomaly-rate 0.02] [--precision 0.8]
 """
 
@@ -60,7 +60,7 @@ from scipy.stats import rankdata
 
 from fintwin.data.features import FEATURISER_KEY, NS_PER_DAY
 from fintwin.data.simulator import ANOMALY_COLUMN, SimulatorConfig, simulate_world
-from fintwin.live.alerts import OVERDUE_FIELDS, gap_cdf
+from fintwin.live.alerts import OVERDUE_FIELDS, combined_tail, gap_cdf
 from fintwin.live.events import read_events
 from fintwin.live.repository import export_step_graph, live_metadata, write_live_model
 from fintwin.live.store import open_store
@@ -251,7 +251,7 @@ def churn_row(alerts: pd.DataFrame, truth: Truth, customers: pd.Index, horizon_d
 # ------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--customers", type=int, default=2500)
+    parser.add_argument("--customers", type=int, default=2000)
     parser.add_argument("--anomaly-rate", type=float, default=0.02)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--ckpt", type=Path, help="take this twin instead of training one")
@@ -285,7 +285,7 @@ def main() -> None:
     baselines = baseline_tails(replayed)
     threshold = twins.alerts.unusual_tail
     unusual = {
-        "twin": np.nanmin(result.tails, axis=1),
+        "twin": combined_tail(np.where(np.isnan(result.tails), 1.0, result.tails)),
         "amount z-score": baselines["amount"].to_numpy(),
         "type frequency": baselines["type"].to_numpy(),
         "z-score + type frequency": baselines.min(axis=1).to_numpy(),

@@ -13,9 +13,13 @@ its inputs, in the state store (``StateStore.alerts``):
   BEFORE it. Three tail probabilities: ``type``, the probability of a type no more probable
   than the event's (an unseen or unknown type has a tiny one); ``amount``, two-sided, of the
   amount under the zero-inflated log-normal of the event's type; ``timing``, two-sided, of
-  the days since the previous event under the gap mixture given a next event. The alert
-  fires when the smallest is below ``unusual_tail`` and names every part below it. A
-  customer's first event has nothing to be compared with (NaN tails, no alert).
+  the days since the previous event under the gap mixture given a next event. Under the twin
+  the three are independent (type and gap are independent given the history, the amount's
+  tail is uniform given the type), so they combine by Fisher's method into the event's tail
+  probability (``combined_tail``; chi-squared with 6 degrees of freedom), which is uniform
+  for events that follow the twin. The alert fires when it is below ``unusual_tail`` and
+  names the unusual parts: those whose own tail is below ``unusual_tail``, else the one with
+  the smallest. A customer's first event has nothing to be compared with (NaN, no alert).
 - ``overdue``: found by ``sweep`` over the stored states, without an event: the customer's
   silence has passed the ``overdue_level`` quantile of the twin's predicted time to the next
   event (given one comes), i.e. the survival of the gap mixture at the silence is below
@@ -142,9 +146,10 @@ def event_alerts(config: AlertConfig, before: Mapping[str, np.ndarray], seq: np.
     alerts: list[list[dict]] = [[] for _ in range(n)]
     for row in np.flatnonzero(fires):
         alerts[row].append(churn_alert(config, row, seq, churn, event, horizon_days))
-    unusual = np.nanmin(np.where(known[:, None], tails, np.inf), axis=1) < config.unusual_tail
-    for row in np.flatnonzero(unusual):
-        alerts[row].append(unusual_alert(config, row, seq, before, tails[row], event, labels))
+    combined = combined_tail(np.where(known[:, None], tails, 1.0))
+    for row in np.flatnonzero(combined < config.unusual_tail):
+        alerts[row].append(unusual_alert(config, row, seq, before, tails[row], combined[row],
+                                         event, labels))
     return EventAlerts(alerts, tails, now_on.astype(np.float32)[:, None])
 
 
@@ -161,6 +166,13 @@ def event_tails(before: Mapping[str, np.ndarray], event: Mapping[str, np.ndarray
         amount_tail(amount, types, event["amount"][rows].astype(np.float64)),
         timing_tail(gap, event["gap_days"][rows].astype(np.float64)),
     ], axis=1)
+
+
+def combined_tail(tails: np.ndarray) -> np.ndarray:
+    """Fisher's combination of ``[n, 3]`` independent tail probabilities: P(chi2_6 >= -2 sum
+    log p) = exp(-s) (1 + s + s^2 / 2) with s = -sum log p."""
+    s = -np.log(np.clip(tails, 1e-300, 1.0)).sum(axis=1)
+    return np.exp(-s) * (1.0 + s + 0.5 * s * s)
 
 
 def type_tail(probs: np.ndarray, types: np.ndarray) -> np.ndarray:
@@ -222,7 +234,7 @@ def churn_alert(config: AlertConfig, row: int, seq: np.ndarray, churn: np.ndarra
 
 
 def unusual_alert(config: AlertConfig, row: int, seq: np.ndarray,
-                  before: Mapping[str, np.ndarray], tails: np.ndarray,
+                  before: Mapping[str, np.ndarray], tails: np.ndarray, combined: float,
                   event: Mapping[str, np.ndarray], labels: np.ndarray) -> dict:
     type_id = int(event["event_type"][row])
     zero_logit, loc, log_scale = before[PREDICTION.format("amount_params")][row][:, type_id]
@@ -231,9 +243,9 @@ def unusual_alert(config: AlertConfig, row: int, seq: np.ndarray,
         "kind": UNUSUAL_EVENT,
         "seq": int(seq[row]) + 1,
         "event_time": iso_time(int(event["timestamp_ns"][row])),
-        "tail_probability": float(np.min(tails)),
+        "tail_probability": float(combined),
         "unusual": [part for part, tail in zip(PARTS, tails, strict=True)
-                    if tail < config.unusual_tail],
+                    if tail < config.unusual_tail] or [PARTS[int(np.argmin(tails))]],
         "tails": dict(zip(PARTS, map(float, tails), strict=True)),
         "inputs": {
             "event_type": str(labels[type_id]),

@@ -29,6 +29,7 @@ from fintwin.live.alerts import (
     PARTS,
     UNUSUAL_EVENT,
     AlertConfig,
+    combined_tail,
     event_alerts,
     stored_alerts,
     sweep,
@@ -156,6 +157,15 @@ def test_churn_risk_hysteresis_does_not_flap():
 
 
 # ------------------------------------------------------------------ unusual_event
+def test_fishers_combination_of_tail_probabilities():
+    """Three independent uniform tails combine into a uniform one; one tiny tail dominates."""
+    rng = np.random.default_rng(0)
+    combined = combined_tail(rng.random((200_000, 3)))
+    assert np.quantile(combined, [0.001, 0.01, 0.5]) == pytest.approx([0.001, 0.01, 0.5], rel=0.1)
+    assert combined_tail(np.array([[1.0, 1.0, 1.0], [1e-9, 1.0, 1.0]])) == pytest.approx(
+        [1.0, 1e-9 * (1 + 9 * np.log(10) + (9 * np.log(10)) ** 2 / 2)])
+
+
 def test_an_obviously_unusual_event_alerts_and_an_ordinary_one_does_not(repo, history, tmp_path):
     with open_store(f"sqlite:///{tmp_path / 'twins.db'}") as store:
         twins = open_live_twins(repo, LIVE, store)
@@ -175,7 +185,9 @@ def test_an_obviously_unusual_event_alerts_and_an_ordinary_one_does_not(repo, hi
     (alert,) = [a for a in answers.alerts[odd] if a["kind"] == UNUSUAL_EVENT]
     assert alert["unusual"] == ["type", "amount"]
     assert alert["tails"]["type"] < 1e-6 and alert["tails"]["amount"] < 1e-3
-    assert alert["tail_probability"] == pytest.approx(min(alert["tails"].values()))
+    tails = np.array([[alert["tails"][part] for part in PARTS]])
+    assert alert["tail_probability"] == pytest.approx(combined_tail(tails)[0])
+    assert alert["tail_probability"] < min(alert["tails"].values())
     assert alert["seq"] == len(own) + 1
     assert alert["inputs"]["event_type"] == "<oov>"
     assert alert["inputs"]["amount"] == pytest.approx(10 * own["amount"].max(), rel=1e-6)
