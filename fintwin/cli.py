@@ -342,13 +342,59 @@ def _live_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _live_get(args: argparse.Namespace) -> int:
+    from fintwin.live.alerts import stored_alerts
     from fintwin.live.store import open_store
     from fintwin.live.twins import live_model_name, open_live_twins
 
     with open_store(_live_store_url(args)) as store:
         twins = open_live_twins(args.repo, live_model_name(args.model), store, args.version)
-        print(json.dumps(twins.summary(args.customer), indent=2))
+        summary = twins.summary(args.customer)
+        summary["alerts"] = stored_alerts(store, twins.model, twins.version, [args.customer])
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _live_sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import redis
+
+    from fintwin.live.alerts import sweep
+    from fintwin.live.runner import jsonl_writer
+    from fintwin.live.store import open_store
+    from fintwin.live.twins import live_model_name, open_live_twins
+
+    if args.every < 0:
+        raise FintwinInputError(f"--every {args.every}: expected seconds >= 0")
+    if bool(args.redis_out) != bool(args.redis_url):
+        raise FintwinInputError("--redis-out KEY and --redis-url URL go together")
+    try:
+        as_of = None if args.as_of is None else pd.Timestamp(args.as_of)
+    except ValueError as exc:
+        raise FintwinInputError(f"--as-of {args.as_of!r}: not a timestamp ({exc})") from None
+    if as_of is not None and as_of.tzinfo is not None:
+        as_of = as_of.tz_convert("UTC").tz_localize(None)
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(open_store(_live_store_url(args)))
+        twins = open_live_twins(args.repo, live_model_name(args.model), store, args.version)
+        if args.redis_out:
+            client = stack.enter_context(redis.Redis.from_url(args.redis_url))
+
+            def emit(alert: dict) -> None:
+                client.xadd(args.redis_out, {"alert": json.dumps(alert)})
+        else:
+            emit = jsonl_writer(sys.stdout if args.out == "-" else stack.enter_context(
+                open(args.out, "a", encoding="utf-8")))
+        while True:
+            now = as_of if as_of is not None else pd.Timestamp.now("UTC").tz_localize(None)
+            found = 0
+            for overdue in sweep(store, twins.model, twins.version, twins.alerts, now.value):
+                emit({"customer_key": overdue.customer_key} | overdue.alert)
+                found += 1
+            print(f"fintwin live sweep: {found:,} new overdue customers as of {now}",
+                  file=sys.stderr, flush=True)
+            if not args.every or as_of is not None:
+                return 0
+            time.sleep(args.every)
 
 
 def _live_run(args: argparse.Namespace) -> int:
@@ -437,7 +483,20 @@ def _add_live(sub: argparse._SubParsersAction) -> None:
                    "and its predictions right after it.",
                    "fintwin live get c042 --repo model_repository --model twin", _live_get)
     get.add_argument("customer", help="customer id")
-    for parser in (bootstrap, get):
+
+    sweep = _command(live_sub, "sweep", "Find overdue customers: those whose silence has passed "
+                     "the live model's alert_overdue_level quantile of their predicted time to "
+                     "the next event; emit each once per silence as a JSON line (or to a Redis "
+                     "stream) and store it with the customer's alerts.",
+                     "fintwin live sweep --repo model_repository --model twin --every 3600 "
+                     "--out overdue.jsonl", _live_sweep)
+    sweep.add_argument("--as-of", help="sweep once at this time (ISO-8601; default: now, UTC)")
+    sweep.add_argument("--every", type=float, default=0.0,
+                       help="sweep again every this many seconds (default 0: once)")
+    sweep.add_argument("--out", default="-", help="alerts as JSON lines, appended (- : stdout)")
+    sweep.add_argument("--redis-url", help="Redis of --redis-out, redis://HOST:PORT/DB")
+    sweep.add_argument("--redis-out", help="add alerts to this Redis stream instead of --out")
+    for parser in (bootstrap, get, sweep):
         parser.add_argument("--repo", type=Path, required=True, help="exported model repository")
         parser.add_argument("--model", default="fintwin",
                             help="model NAME (its live model NAME_live)")

@@ -32,6 +32,19 @@ Generative story (all times in days, amounts in currency units):
    are drawn from a random stream of their own: with every channel effect 0 the other
    columns are those of the world without channels. With the flag off (the default) no
    channel is drawn and the world is unchanged.
+5. Labelled anomalies (``anomaly_rate`` > 0): into each gap between two of a customer's
+   events, with probability ``anomaly_rate``, one foreign event is inserted at a uniform
+   time inside the gap, drawn from the behaviour of another segment (uniform among the
+   others): type ~ softmax(``type_logits[other]``), amount as that segment's for the type
+   (a stolen card, a shared account, a life change). The customer's own process ignores it
+   (its next event was drawn from its own history), and the table gains a boolean
+   ``anomaly`` column (``ANOMALY_COLUMN``) that no model reads: the event contract keeps
+   only the required and declared columns. Anomalies come from a random stream of their own,
+   so the customers' own events are those of the world without anomalies.
+
+``simulate_world`` also returns the truth per customer: the segment and the dormancy onset
+(the time of the event after which the customer went dormant; NaT when the customer was
+still active when observation stopped).
 
 Events are scored under this process by the oracle in ``fintwin.data.oracle``, which
 uses the same factor functions (``next_type_logits``, ``next_gap_params``).
@@ -61,6 +74,7 @@ SALARY_ID = EVENT_TYPES.index("salary")
 _LOGIN = EVENT_TYPES.index("app_login")
 CHANNELS: tuple[str, ...] = ("card", "online", "branch")
 CHANNEL_COLUMN = "channel"
+ANOMALY_COLUMN = "anomaly"
 
 
 @dataclass
@@ -137,6 +151,7 @@ class SimulatorConfig:
     )
     channel_gap_shift: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.6])
     channel_amount_shift: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.8])
+    anomaly_rate: float = 0.0  # foreign events per gap between events (step 5 of the module doc)
 
 
 @dataclass(frozen=True)
@@ -198,6 +213,10 @@ def process_params(config: SimulatorConfig) -> ProcessParams:
     for name, probs in (("dormancy_prob", dormancy), ("zero_amount_prob", zero_prob)):
         if ((probs < 0) | (probs > 1)).any():
             raise ValueError(f"SimulatorConfig.{name} must lie in [0, 1]")
+    if not 0.0 <= config.anomaly_rate <= 1.0:
+        raise ValueError(
+            f"SimulatorConfig.anomaly_rate must lie in [0, 1], got {config.anomaly_rate}"
+        )
     if dormancy.max() >= 1:
         raise ValueError("SimulatorConfig.dormancy_prob must be < 1")
     if zero_prob[_LOGIN] != 1.0:
@@ -363,9 +382,9 @@ def _draw_next(
 
 
 def _rngs(seed: int) -> tuple[np.random.Generator, ...]:
-    """Independent streams for the customers (segment, join), their events and their
-    channels (spawned children do not depend on how many are spawned)."""
-    return tuple(np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(3))
+    """Independent streams for the customers (segment, join), their events, their channels
+    and the anomalies (spawned children do not depend on how many are spawned)."""
+    return tuple(np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4))
 
 
 class _Channels:
@@ -408,24 +427,42 @@ def customer_segments(config: SimulatorConfig) -> pd.Series:
     )
 
 
+@dataclass(frozen=True)
+class SimulatedWorld:
+    """The event table and the truth per customer (``segment``, ``dormant_onset``: the time
+    of the customer's last event when it went dormant after it, NaT when still active at
+    ``end``), indexed by customer_id."""
+
+    events: pd.DataFrame
+    customers: pd.DataFrame
+
+
 def simulate(config: SimulatorConfig) -> pd.DataFrame:
-    """Simulate the world: the event table (customer_id, timestamp, event_type, amount, and
-    ``channel`` with ``config.categorical_channel``).
+    """Simulate the world: the event table (customer_id, timestamp, event_type, amount,
+    ``channel`` with ``config.categorical_channel``, ``anomaly`` with ``anomaly_rate`` > 0).
 
     Sorted by customer then time; deterministic given ``config.seed``. All active customers
     advance one event per step, so the cost is a few numpy calls per step.
     """
+    return simulate_world(config).events
+
+
+def simulate_world(config: SimulatorConfig) -> SimulatedWorld:
+    """``simulate``'s events with the truth per customer (``SimulatedWorld``)."""
     p = process_params(config)
-    customer_rng, rng, channel_rng = _rngs(config.seed)
+    customer_rng, rng, channel_rng, anomaly_rng = _rngs(config.seed)
     seg, join = _draw_customers(p, config.n_customers, customer_rng)
+    all_seg = seg
     channels = _Channels(p, seg, channel_rng) if config.categorical_channel else None
     cust = np.arange(config.n_customers)
     t, anchor = join, join
+    onset = np.full(config.n_customers, np.nan)
     last = np.full(cust.shape, _LOGIN)
     channel = None if channels is None else channels.draw(cust)
     chunks = [(cust, t, last, np.zeros(cust.shape), channel)]
     while cust.size:
         draw = _draw_next(p, seg, last, t - anchor, t, rng, channel)
+        onset[cust[draw.dormant]] = t[draw.dormant]
         t_next = t + draw.gap
         keep = ~draw.dormant & (t_next < p.end)
         cust, seg, anchor = cust[keep], seg[keep], anchor[keep]
@@ -435,18 +472,62 @@ def simulate(config: SimulatorConfig) -> pd.DataFrame:
         chunks.append((cust, t, last, draw.amount[keep], channel))
     cust, t, types, amount, channel = (_concatenate(parts) for parts in zip(*chunks, strict=True))
     order = np.argsort(cust, kind="stable")  # each customer's events were emitted in time order
-    ns = np.round(t[order] * NS_PER_DAY).astype(np.int64)
-    frame = pd.DataFrame(
+    cust, t, types, amount = cust[order], t[order], types[order], amount[order]
+    channel = None if channel is None else channel[order]
+    ids = _customer_ids(config.n_customers)
+    frame = _event_frame(ids[cust], t, types, amount)
+    if channel is not None:
+        frame[CHANNEL_COLUMN] = np.array(CHANNELS, dtype=object)[channel]
+    if config.anomaly_rate > 0:
+        frame = _with_anomalies(p, frame, cust, t, all_seg, config.anomaly_rate, anomaly_rng,
+                                channels)
+    customers = pd.DataFrame(
         {
-            "customer_id": _customer_ids(config.n_customers)[cust[order]],
+            "segment": np.array(SEGMENTS, dtype=object)[all_seg],
+            "dormant_onset": pd.to_datetime(np.round(onset * NS_PER_DAY), unit="ns"),
+        },
+        index=pd.Index(ids, name="customer_id"),
+    )
+    return SimulatedWorld(frame, customers)
+
+
+def _event_frame(ids: np.ndarray, t: np.ndarray, types: np.ndarray,
+                 amount: np.ndarray) -> pd.DataFrame:
+    ns = np.round(t * NS_PER_DAY).astype(np.int64)
+    return pd.DataFrame(
+        {
+            "customer_id": ids,
             "timestamp": ns.view("datetime64[ns]"),
-            "event_type": np.array(EVENT_TYPES, dtype=object)[types[order]],
-            "amount": amount[order],
+            "event_type": np.array(EVENT_TYPES, dtype=object)[types],
+            "amount": amount,
         }
     )
-    if channel is not None:
-        frame[CHANNEL_COLUMN] = np.array(CHANNELS, dtype=object)[channel[order]]
-    return frame
+
+
+def _with_anomalies(p: ProcessParams, frame: pd.DataFrame, cust: np.ndarray, t: np.ndarray,
+                    seg: np.ndarray, rate: float, rng: np.random.Generator,
+                    channels: _Channels | None) -> pd.DataFrame:
+    """``frame`` (sorted by customer, then time) with foreign events inserted into gaps
+    (step 5 of the module doc), flagged in ``ANOMALY_COLUMN``, sorted again."""
+    inside = np.flatnonzero(cust[1:] == cust[:-1])  # gap between row i and row i + 1
+    chosen = inside[rng.random(len(inside)) < rate]
+    n = len(chosen)
+    owner = cust[chosen]
+    other = (seg[owner] + rng.integers(1, len(SEGMENTS), n)) % len(SEGMENTS)
+    logits = p.type_logits[:, other]
+    cdf = np.cumsum(np.exp(logits - logits.max(axis=0)), axis=0)
+    types = (rng.random(n) * cdf[-1] > cdf[:-1]).sum(axis=0)
+    amount = np.exp(next_amount_log_median(p, other, types)
+                    + p.amount_sigma[types] * rng.standard_normal(n))
+    amount = np.where(rng.random(n) < p.zero_prob[types], 0.0, amount)
+    times = t[chosen] + rng.random(n) * (t[chosen + 1] - t[chosen])
+    foreign = _event_frame(frame["customer_id"].to_numpy()[chosen], times, types, amount)
+    if channels is not None:
+        foreign[CHANNEL_COLUMN] = np.array(CHANNELS, dtype=object)[channels.draw(owner)]
+    frame[ANOMALY_COLUMN] = False
+    foreign[ANOMALY_COLUMN] = True
+    merged = pd.concat([frame, foreign], ignore_index=True)
+    return merged.sort_values(["customer_id", "timestamp"], kind="stable", ignore_index=True)
 
 
 def _concatenate(parts: tuple[np.ndarray | None, ...]) -> np.ndarray | None:

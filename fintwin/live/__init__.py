@@ -7,5 +7,7 @@ model in Triton parses raw events, loads the customers' states from the state st
 customer), steps, and writes the new states together with the input stream's position, so
 every event is applied exactly once and in timestamp order per customer. ``fintwin live``
 bootstraps the states from a history file, feeds event streams through Triton in
-micro-batches and shows a customer's current twin.
+micro-batches and shows a customer's current twin. Every event is also answered with the
+twin's early warnings (``fintwin.live.alerts``: churn risk, unusual events), stored with the
+state; ``fintwin live sweep`` finds overdue customers over the stored states.
 """

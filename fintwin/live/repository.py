@@ -15,8 +15,11 @@ Inputs, one event per row (``max_batch_size`` rows per request): ``customer_id``
 ``timestamp``, ``event_type`` BYTES, ``amount`` FP32, the model's numeric (FP32) and
 categorical (BYTES) columns by name, and the optional ``cursor`` BYTES; all dims [1].
 Outputs per row: the batch model's outputs right after the event (dims as there, per-row
-scalars [1]), ``status`` BYTES, ``seq`` INT64 and ``stored_cursor`` BYTES (the request's
-consumer's stored stream position after it, '' without a cursor).
+scalars [1]), ``status`` BYTES, ``seq`` INT64, ``stored_cursor`` BYTES (the request's
+consumer's stored stream position after it, '' without a cursor), ``alerts`` BYTES (a JSON
+list of the alerts the event raised, ``fintwin.live.alerts``) and ``event_tail_probs`` FP32
+[3] (the event's type, amount and timing tail probabilities; NaN for a first event). The
+alert thresholds are the config's ``alert_*`` parameters (``AlertConfig``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from fintwin.data.contract import CONTRACT_KEY, exported_contract
 from fintwin.data.features import FeaturiserSpec
 from fintwin.export.onnx import ParityReport
 from fintwin.export.triton_repo import FEATURISER_KEYS, FEATURISER_PARAMETER, write_version_files
+from fintwin.live.alerts import ALERT_STATE, AlertConfig
 from fintwin.live.events import TEXT, event_fields
 from fintwin.live.step import (
     DAYS_SINCE_INPUT,
+    DISTRIBUTION_OUTPUTS,
     STATE_INPUT,
     STATE_OUTPUT,
     StepModel,
@@ -42,11 +47,13 @@ from fintwin.live.step import (
 )
 from fintwin.live.store import StateLayout
 from fintwin.live.triton_model import (
+    ALERTS_OUTPUT,
     CURSOR_OUTPUT,
     INTRA_OP_THREADS_PARAMETER,
     SEQ_OUTPUT,
     STATE_STORE_PARAMETER,
     STATUS_OUTPUT,
+    TAILS_OUTPUT,
 )
 from fintwin.live.twins import PREDICTION_FIELD, STEP_GRAPH, STEP_KEY, live_model_name
 from fintwin.models.checkpoint import TrainedTwin
@@ -60,11 +67,13 @@ SHIM = (
 
 def step_metadata(step: StepModel, report: ParityReport) -> dict[str, Any]:
     """The live model's ``step`` metadata: the step graph's names, and the layout of a stored
-    twin: the graph's state fields and the predictions after the last event."""
+    twin: the graph's state fields, the predictions after the last event (the predictive
+    distribution's parameters among them) and the alerts' state."""
     predictions = {
         PREDICTION_FIELD.format(entry["name"]): (tuple(entry["shape"][1:]) or (1,), entry["dtype"])
         for entry in exported_contract(step.model.contract_sizes())["outputs"]
-    }
+    } | {PREDICTION_FIELD.format(name): (shape, "float32")
+         for name, shape in step.distribution_shapes().items()}
     state = {spec.name: (spec.shape, spec.dtype) for spec in step.layout.fields}
     return {
         "graph": STEP_GRAPH,
@@ -73,7 +82,8 @@ def step_metadata(step: StepModel, report: ParityReport) -> dict[str, Any]:
         "state": {name: [STATE_INPUT.format(name), STATE_OUTPUT.format(name)]
                   for name in step.field_names},
         "outputs": [entry["name"] for entry in exported_contract(step.model.contract_sizes())["outputs"]],
-        "layout": StateLayout.of(state | predictions).to_json(),
+        "distribution": list(DISTRIBUTION_OUTPUTS),
+        "layout": StateLayout.of(state | predictions | ALERT_STATE).to_json(),
         "parity_max_abs": report.max_abs,
     }
 
@@ -101,14 +111,17 @@ def live_model_config(name: str, spec: FeaturiserSpec, metadata: dict[str, Any],
         dims = list(shapes[PREDICTION_FIELD.format(output)])
         config.output.append(mc.ModelOutput(name=output, data_type=mc.TYPE_FP32, dims=dims))
     for output, kind in ((STATUS_OUTPUT, mc.TYPE_STRING), (SEQ_OUTPUT, mc.TYPE_INT64),
-                         (CURSOR_OUTPUT, mc.TYPE_STRING)):
+                         (CURSOR_OUTPUT, mc.TYPE_STRING), (ALERTS_OUTPUT, mc.TYPE_STRING)):
         config.output.append(mc.ModelOutput(name=output, data_type=kind, dims=[1]))
+    config.output.append(mc.ModelOutput(name=TAILS_OUTPUT, data_type=mc.TYPE_FP32, dims=[3]))
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     config.instance_group.append(
         mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     )
     config.parameters[STATE_STORE_PARAMETER].string_value = state_store
     config.parameters[INTRA_OP_THREADS_PARAMETER].string_value = "1"
+    for name, value in AlertConfig().parameters().items():
+        config.parameters[name].string_value = value
     featuriser = {key: metadata[key] for key in FEATURISER_KEYS if key in metadata}
     config.parameters[FEATURISER_PARAMETER].string_value = json.dumps(featuriser, sort_keys=True)
     return config

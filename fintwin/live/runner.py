@@ -5,6 +5,10 @@ Streams (``XREADGROUP`` in a consumer group; an event's position is its entry id
 is a JSON object (a stream entry's fields) with the live model's inputs by name
 (``customer_id``, ``timestamp``, ``event_type``, ``amount``, declared extras).
 
+Each answer carries the alerts the event raised (``alerts``: churn_risk, unusual_event; see
+``fintwin.live.alerts``), so the JSON lines or the Redis stream of answers are the alert feed
+too; ``fintwin live sweep`` adds the overdue customers.
+
 Every request carries each event's cursor ``CONSUMER:POSITION``, which the live model stores
 with the states in one transaction. So a consumer that is killed at any point and started
 again loses nothing and applies nothing twice: the live model answers events at or before its
@@ -36,7 +40,13 @@ import numpy as np
 from fintwin.data.features import stored_spec
 from fintwin.live.events import CURSOR_FIELD, position_key
 from fintwin.live.store import redis_client
-from fintwin.live.triton_model import CURSOR_OUTPUT, SEQ_OUTPUT, STATUS_OUTPUT
+from fintwin.live.triton_model import (
+    ALERTS_OUTPUT,
+    CURSOR_OUTPUT,
+    SEQ_OUTPUT,
+    STATUS_OUTPUT,
+    TAILS_OUTPUT,
+)
 from fintwin.live.twins import APPLIED, DUPLICATE, named_predictions
 from fintwin.serving.client import InvalidRequestError, TritonTransport, WireProtocol
 from fintwin.serving.security import ClientCredentials
@@ -44,7 +54,7 @@ from fintwin.serving.security import ClientCredentials
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 2.0
-ANSWER_FIELDS = (STATUS_OUTPUT, SEQ_OUTPUT, CURSOR_OUTPUT)
+ANSWER_FIELDS = (STATUS_OUTPUT, SEQ_OUTPUT, CURSOR_OUTPUT, ALERTS_OUTPUT, TAILS_OUTPUT)
 
 
 @dataclass
@@ -208,6 +218,7 @@ class LiveRunner:
             "seq": int(row[SEQ_OUTPUT][0]),
             "predictions": named_predictions(outputs, self.spec, self.quantiles)
             if status == APPLIED else None,
+            "alerts": json.loads(row[ALERTS_OUTPUT][0]) if status == APPLIED else [],
         }
 
     def _error(self, event: StreamEvent, problem: str) -> dict:

@@ -86,6 +86,10 @@ STATE_OUTPUT = "new_state_{}"  # graph output of a state field after the step
 DAYS_SINCE_INPUT = "days_since_last_event"
 PAIR = 2  # a float64 value kept as two float32: hi, lo
 BOOTSTRAP_BATCH = 1024  # customers per batched pass
+# The predictive distribution's parameters, outputs of the step graph after the contract's:
+# ``gap_mixture`` [3, M] (log weights, loc, log scale of log(gap) given a next event) and
+# ``amount_params`` [3, V] (zero logit, loc, log scale of log(amount) per next type).
+DISTRIBUTION_OUTPUTS = ("gap_mixture", "amount_params")
 EXPORT_BATCH = 3  # example batch of the export (not 1: the exporter would fix the axis)
 PARITY_BATCHES = (1, 4, 33)
 
@@ -201,8 +205,9 @@ class StepModel(nn.Module):
     ``forward`` takes, positionally in ``input_names`` order, the event's inputs (the
     contract's sequence inputs at one position: ``[B]``, ``numeric`` ``[B, F]``),
     ``days_since_last_event`` ``[B]`` and the state fields (``state_<name>``, in
-    ``layout`` order), and returns the contract's outputs then the new state fields
-    (``new_state_<name>``), in ``output_names`` order.
+    ``layout`` order), and returns the contract's outputs, the predictive distribution's
+    parameters (``DISTRIBUTION_OUTPUTS``), then the new state fields (``new_state_<name>``),
+    in ``output_names`` order.
     """
 
     def __init__(self, model: TwinModule, max_len: int) -> None:
@@ -238,7 +243,13 @@ class StepModel(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return list(OUTPUT_NAMES) + [STATE_OUTPUT.format(n) for n in self.field_names]
+        return (list(OUTPUT_NAMES) + list(DISTRIBUTION_OUTPUTS)
+                + [STATE_OUTPUT.format(n) for n in self.field_names])
+
+    def distribution_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-customer shapes of the ``DISTRIBUTION_OUTPUTS``."""
+        return {"gap_mixture": (3, self.model.time_head.n_components),
+                "amount_params": (3, int(self.model.hparams.vocab_size))}
 
     def initial_state(self, batch_size: int) -> dict[str, np.ndarray]:
         """The state of ``batch_size`` customers without events: all zeros."""
@@ -251,7 +262,7 @@ class StepModel(nn.Module):
         event = {spec.name: named[spec.name] for spec in self.event_inputs}
         state = {name: named[STATE_INPUT.format(name)] for name in self.field_names}
         outputs, new_state = self.step(event, named[DAYS_SINCE_INPUT], state)
-        return tuple(outputs[name] for name in OUTPUT_NAMES) + tuple(
+        return tuple(outputs[name] for name in (*OUTPUT_NAMES, *DISTRIBUTION_OUTPUTS)) + tuple(
             new_state[name] for name in self.field_names
         )
 
@@ -261,13 +272,22 @@ class StepModel(nn.Module):
         hidden, carried = self.carrier.step(
             self.model.encoder, event, state, self._running_in(state)
         )
-        return (self.model.serving_outputs(hidden, days_since_last_event),
-                self._stored(carried, hidden))
+        return self.outputs(hidden, days_since_last_event), self._stored(carried, hidden)
 
     def states_after(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """States after each row's whole (right-padded) history, in one batched pass."""
         prefix = self.model.encoder.prefix_state(batch)
         return self._stored(self.carrier.from_prefix(prefix, batch["length"]), prefix["hidden"])
+
+    def outputs(self, hidden: Tensor, days_since_last_event: Tensor) -> dict[str, Tensor]:
+        """The contract's outputs from hidden states ``[B, H]`` (as ``predict_last``), and the
+        predictive distribution's parameters (``DISTRIBUTION_OUTPUTS``)."""
+        out = self.model.head_outputs(hidden, days_since_last_event)
+        gap, amount = out.gap, out.amount
+        return {
+            "gap_mixture": torch.stack([gap.log_weights, gap.loc, gap.log_scale], dim=-2),
+            "amount_params": torch.stack([amount.zero_logit, amount.loc, amount.log_scale], dim=-2),
+        } | self.model.contract_outputs(out)
 
     def _running_in(self, state: Mapping[str, Tensor]) -> State:
         running = {name: join_float64(state[name]) for name in self.running}
@@ -330,7 +350,9 @@ class StepModel(nn.Module):
         states = [(spec.dtype.name, (BATCH_AXIS, *spec.shape)) for spec in self.layout.fields]
         events = [(s.dtype, shape(s.axes)) for s in self.event_inputs]
         inputs = [*events, ("float32", (BATCH_AXIS,)), *states]
-        outputs = [(s.dtype, shape(s.axes)) for s in MODEL_OUTPUTS] + states
+        distribution = [("float32", (BATCH_AXIS, *self.distribution_shapes()[name]))
+                        for name in DISTRIBUTION_OUTPUTS]
+        outputs = [(s.dtype, shape(s.axes)) for s in MODEL_OUTPUTS] + distribution + states
         return (
             [(name, *rest) for name, rest in zip(self.input_names, inputs, strict=True)],
             [(name, *rest) for name, rest in zip(self.output_names, outputs, strict=True)],

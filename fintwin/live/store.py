@@ -22,6 +22,13 @@ state only the first succeeds. An update that repeats an applied sequence number
 applied event (``out-of-order``) is rejected for its customer, with the reason, and the rest
 of the batch applies.
 
+Alerts (``fintwin.live.alerts``) are stored next to the states, under the same customer key
+(``customer_key``), each with its inputs, as one JSON record per (customer, sequence number,
+kind): an update's alerts are written in its transaction when it applies (an event's alerts
+are stored exactly once, with the state they were computed from); ``record_alerts`` adds
+alerts found without an event (the overdue sweep), keeping the first record of a key.
+``states`` lists a version's stored states in batches (the sweep reads them all).
+
 Backends: ``SQLiteStateStore`` (embedded default, one file) and ``RedisStateStore``
 (production); ``open_store(url)`` opens either.
 """
@@ -57,6 +64,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # Triton model names (directories);
 INT64 = np.iinfo(np.int64)
 FILE_MODE = 0o600  # the SQLite file (and its -wal and -shm files, which SQLite gives its mode)
 LOOKUP_CHUNK = 500  # customers per SQL IN (...) or Redis MGET
+SCAN_BATCH = 1000  # states per batch of ``StateStore.states``
 
 
 class StateStoreError(RuntimeError):
@@ -162,27 +170,32 @@ class StateLayout:
         )
         return [row.tobytes() for row in block]
 
-    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        """The arrays of one encoded state (writable copies)."""
-        return {name: value[0] for name, value in self.decode_rows([blob]).items()}
-
-    def decode_rows(self, blobs: Sequence[bytes]) -> dict[str, np.ndarray]:
-        """The arrays of several encoded states, stacked (field -> array of shape
-        ``(len(blobs), *field shape)``, writable)."""
-        sizes = {len(blob) for blob in blobs} - {self.nbytes}
-        if sizes:
+    def decode_many(self, blobs: Sequence[bytes],
+                    names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The fields ``names`` (all when None) of many encoded states, each ``[n, *shape]``."""
+        wanted = set(names) if names is not None else None
+        unknown = sorted((wanted or set()) - {spec.name for spec in self.fields})
+        if unknown:
+            raise FintwinInputError(
+                f"state fields {unknown}: not in the layout ({self.describe()})"
+            )
+        if any(len(blob) != self.nbytes for blob in blobs):
             raise StateStoreError(
-                f"a stored state holds {sizes.pop()} bytes, its layout {self.nbytes}: the store "
+                f"a stored state does not hold the {self.nbytes} bytes of its layout: the store "
                 "is damaged or was written by another program"
             )
-        block = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), self.nbytes)
+        rows = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), self.nbytes)
         return {
-            spec.name: block[:, start:stop].copy()
-            .view(spec.dtype.newbyteorder("<"))
-            .astype(spec.dtype, copy=False)
+            spec.name: rows[:, offset : offset + spec.nbytes].copy()
+            .view(spec.dtype.newbyteorder("<")).astype(spec.dtype, copy=False)
             .reshape(len(blobs), *spec.shape)
-            for spec, start, stop in zip(self.fields, self.offsets, self.offsets[1:], strict=False)
+            for spec, offset in zip(self.fields, self.offsets, strict=False)
+            if wanted is None or spec.name in wanted
         }
+
+    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
+        """The arrays of one encoded state (writable copies)."""
+        return {name: value[0] for name, value in self.decode_many([blob]).items()}
 
 
 def field_spec(name: str, shape: Sequence[int], dtype: str | np.dtype) -> FieldSpec:
@@ -240,6 +253,19 @@ class StateUpdate:
     seq: int
     timestamp_ns: int
     arrays: Mapping[str, np.ndarray]
+    alerts: tuple[tuple[str, str], ...] = ()  # (kind, JSON record) raised by this event
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """A stored alert: the customer's key in the store (``StateStore.customer_key``), the
+    sequence number of the event it belongs to (for an overdue customer: its last event),
+    its kind and its JSON record (inputs included)."""
+
+    customer_key: str
+    seq: int
+    kind: str
+    record: str
 
 
 @dataclass(frozen=True)
@@ -252,6 +278,7 @@ class StateBatch:
     seq: np.ndarray
     timestamp_ns: np.ndarray
     arrays: Mapping[str, np.ndarray]
+    alerts: Sequence[tuple[tuple[str, str], ...]] = ()  # per row, as ``StateUpdate.alerts``
 
     def __len__(self) -> int:
         return len(self.customer_ids)
@@ -275,6 +302,20 @@ class TwinState:
     seq: int
     timestamp_ns: int
     arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StoredStates:
+    """Stored states of several customers as arrays: their keys (``StateStore.customer_key``),
+    events applied, last event times and the requested fields, each ``[n, *shape]``."""
+
+    keys: list[str]
+    seq: np.ndarray
+    timestamp_ns: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -336,6 +377,7 @@ class EncodedUpdate:
     seq: int
     timestamp_ns: int
     state: bytes
+    alerts: tuple[tuple[str, str], ...] = ()
 
 
 Verdict = tuple[RejectReason | None, Mark | None]  # per update: why rejected, the stored mark
@@ -382,6 +424,13 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` (any iterable, read lazily) in lists of ``size``."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 def check_model(model: str, version: int) -> None:
     if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise FintwinInputError(f"model name {model!r}: expected letters, digits, '_', '.' or '-'")
@@ -415,6 +464,7 @@ def encode_update(layout: StateLayout, update: StateUpdate) -> EncodedUpdate:
         check_int64(where, "sequence number", update.seq, 1),
         check_int64(where, "timestamp_ns", update.timestamp_ns, INT64.min),
         layout.encode(customer_id, update.arrays),
+        tuple((check_name(f"{where}: alert kind", kind), record) for kind, record in update.alerts),
     )
 
 
@@ -430,9 +480,15 @@ def encode_batch(layout: StateLayout, batch: StateBatch) -> list[EncodedUpdate]:
             value = values[row] if values.shape == (len(ids),) else values
             check_int64(f"update of customer {ids[row]!r}", what, value, low)
     states = layout.encode_rows(ids, batch.arrays) if ids else []
+    alerts = batch.alerts or [()] * len(ids)
+    if len(alerts) != len(ids):
+        raise FintwinInputError(f"a batch of {len(ids)} updates with {len(alerts)} alert rows")
     return [
-        EncodedUpdate(cid, int(n), int(ts), state)
-        for cid, n, ts, state in zip(ids, seq.tolist(), timestamps.tolist(), states, strict=True)
+        EncodedUpdate(cid, int(n), int(ts), state,
+                      tuple((check_name(f"update of customer {cid!r}: alert kind", kind), record)
+                            for kind, record in raised))
+        for cid, n, ts, state, raised in zip(ids, seq.tolist(), timestamps.tolist(), states,
+                                             alerts, strict=True)
     ]
 
 
@@ -488,7 +544,7 @@ class StateStore(ABC):
             check_name(
                 f"stream cursor {stream_position.name!r}: position", stream_position.position
             )
-        keyed = [EncodedUpdate(key, u.seq, u.timestamp_ns, u.state) for key, u in
+        keyed = [EncodedUpdate(key, u.seq, u.timestamp_ns, u.state, u.alerts) for key, u in
                  zip(self.customer_keys.keys(u.customer_id for u in encoded), encoded, strict=True)]
         verdicts = self._apply(model, version, keyed, stream_position)
         if verdicts is None:  # deleted since this store read its layout
@@ -528,7 +584,7 @@ class StateStore(ABC):
             present,
             np.array([mark.seq for mark in marks], dtype=np.int64),
             np.array([mark.timestamp_ns for mark in marks], dtype=np.int64),
-            layout.decode_rows(blobs),
+            layout.decode_many(blobs),
         )
 
     def cursor(self, model: str, version: int, name: str) -> str | None:
@@ -547,9 +603,50 @@ class StateStore(ABC):
         check_model(model, version)
         return sorted(self._customer_ids(model, version))
 
+    def states(self, model: str, version: int, fields: Iterable[str] | None = None,
+               batch: int = SCAN_BATCH) -> Iterator[StoredStates]:
+        """Every stored state of ``model`` version ``version``, in batches of up to ``batch``
+        customers in no particular order, with the state fields ``fields`` (all when None);
+        states written meanwhile may or may not be seen."""
+        layout = self.layout(model, version)
+        names = None if fields is None else list(fields)
+        for rows in self._scan_states(model, version, batch):
+            if rows:
+                yield StoredStates(
+                    [key for key, _, _ in rows],
+                    np.array([mark.seq for _, mark, _ in rows], dtype=np.int64),
+                    np.array([mark.timestamp_ns for _, mark, _ in rows], dtype=np.int64),
+                    layout.decode_many([blob for _, _, blob in rows], names),
+                )
+
+    def customer_key(self, customer_id: str) -> str:
+        """The key a customer's state and alerts are stored under (``states`` lists them):
+        its pseudonym (``customer_keys``)."""
+        return self.customer_keys.key(check_name("customer id", customer_id))
+
+    def record_alerts(self, model: str, version: int,
+                      alerts: Sequence[AlertRecord]) -> list[bool]:
+        """Store alerts found without an event (keyed by ``AlertRecord.customer_key``); per
+        alert, whether it is new (a key stored already keeps its first record)."""
+        check_model(model, version)
+        for alert in alerts:
+            check_name("alert customer key", alert.customer_key)
+            check_name("alert kind", alert.kind)
+            check_int64(f"alert of {alert.customer_key!r}", "sequence number", alert.seq, 0)
+        return self._record_alerts(model, version, alerts)
+
+    def alerts(self, model: str, version: int,
+               customer_ids: Iterable[str] | None = None) -> list[AlertRecord]:
+        """The stored alerts of ``customer_ids`` (all customers when None), by customer key,
+        then sequence number and kind."""
+        check_model(model, version)
+        keys = None if customer_ids is None else [self.customer_key(c) for c in customer_ids]
+        return sorted(self._alerts(model, version, keys),
+                      key=lambda a: (a.customer_key, a.seq, a.kind))
+
     def delete_version(self, model: str, version: int) -> int:
-        """Remove a version's states, cursors and layout; returns the states removed. Stop the
-        version's writers first."""
+        """Remove a version's states, alerts, cursors and layout; returns the states removed.
+        Stop the version's writers first."""
         check_model(model, version)
         self._layouts.pop((model, version), None)
         return self._delete_version(model, version)
@@ -610,6 +707,18 @@ class StateStore(ABC):
     @abstractmethod
     def _delete_version(self, model: str, version: int) -> int: ...
 
+    @abstractmethod
+    def _scan_states(self, model: str, version: int,
+                     batch: int) -> Iterator[list[tuple[str, Mark, bytes]]]: ...
+
+    @abstractmethod
+    def _record_alerts(self, model: str, version: int,
+                       alerts: Sequence[AlertRecord]) -> list[bool]: ...
+
+    @abstractmethod
+    def _alerts(self, model: str, version: int,
+                keys: Sequence[str] | None) -> list[AlertRecord]: ...
+
 
 SQLITE_TABLES = (
     """CREATE TABLE IF NOT EXISTS layouts (
@@ -622,7 +731,12 @@ SQLITE_TABLES = (
     """CREATE TABLE IF NOT EXISTS cursors (
         model TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,
         position TEXT NOT NULL, PRIMARY KEY (model, version, name))""",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        model TEXT NOT NULL, version INTEGER NOT NULL, customer TEXT NOT NULL,
+        seq INTEGER NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL,
+        PRIMARY KEY (model, version, customer, seq, kind))""",
 )
+SQLITE_ADD_ALERT = "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 
 
 class SQLiteStateStore(StateStore):
@@ -728,6 +842,10 @@ class SQLiteStateStore(StateStore):
                             update.state,
                         ),
                     )
+                    db.executemany(SQLITE_ADD_ALERT, [
+                        (model, version, update.customer_id, update.seq, kind, record)
+                        for kind, record in update.alerts
+                    ])
                 verdicts.append((reason, stored))
             if position is not None:
                 db.execute(
@@ -771,12 +889,50 @@ class SQLiteStateStore(StateStore):
             )
             return [cid for (cid,) in rows]
 
+    def _scan_states(self, model: str, version: int,
+                     batch: int) -> Iterator[list[tuple[str, Mark, bytes]]]:
+        after = ""  # keyset pagination: each batch is its own short read transaction
+        while True:
+            with self._transaction("BEGIN") as db:
+                rows = db.execute(
+                    "SELECT customer, seq, timestamp_ns, state FROM states WHERE model = ? AND "
+                    "version = ? AND customer > ? ORDER BY customer LIMIT ?",
+                    (model, version, after, batch),
+                ).fetchall()
+            if not rows:
+                return
+            yield [(key, Mark(seq, ts), state) for key, seq, ts, state in rows]
+            after = rows[-1][0]
+
+    def _record_alerts(self, model: str, version: int,
+                       alerts: Sequence[AlertRecord]) -> list[bool]:
+        with self._transaction() as db:
+            return [
+                db.execute(SQLITE_ADD_ALERT, (model, version, a.customer_key, a.seq, a.kind,
+                                              a.record)).rowcount == 1
+                for a in alerts
+            ]
+
+    def _alerts(self, model: str, version: int,
+                keys: Sequence[str] | None) -> list[AlertRecord]:
+        query = "SELECT customer, seq, kind, record FROM alerts WHERE model = ? AND version = ?"
+        found = []
+        with self._transaction("BEGIN") as db:
+            if keys is None:
+                found = db.execute(query, (model, version)).fetchall()
+            for chunk in chunks(keys or [], LOOKUP_CHUNK):
+                found += db.execute(
+                    f"{query} AND customer IN ({', '.join('?' * len(chunk))})",
+                    (model, version, *chunk),
+                ).fetchall()
+        return [AlertRecord(*row) for row in found]
+
     def _delete_version(self, model: str, version: int) -> int:
         with self._transaction() as db:
             removed = db.execute(
                 "DELETE FROM states WHERE model = ? AND version = ?", (model, version)
             ).rowcount
-            for table in ("cursors", "layouts"):
+            for table in ("alerts", "cursors", "layouts"):
                 db.execute(f"DELETE FROM {table} WHERE model = ? AND version = ?", (model, version))
         return removed
 
@@ -784,15 +940,19 @@ class SQLiteStateStore(StateStore):
 REDIS_PASSWORD_FILE_ENV = "FINTWIN_REDIS_PASSWORD_FILE"  # the password, kept out of the URL
 REDIS_HEADER = struct.Struct("<qq")  # seq, timestamp_ns; then the state's bytes
 
-# KEYS: layout, cursors hash, then one state key per update; ARGV: cursor name ('' for none),
-# position, then one value (header + state) per update. Returns, per update, the reason it was
-# rejected ('' when applied) and the stored header before it ('' when none). A timestamp is
-# compared as (high int32, low uint32): Lua numbers are doubles, exact to 2^53 only.
+# KEYS: layout, cursors hash, one state key per update (n), then one alerts hash per alert;
+# ARGV: cursor name ('' for none), position, n, one value (header + state) per update, then per
+# alert: its update's number (1..n), its field (SEQ:KIND) and its record, stored (HSETNX) when
+# that update applies. Returns, per update, the reason it was rejected ('' when applied) and
+# the stored header before it ('' when none). A timestamp is compared as (high int32, low
+# uint32): Lua numbers are doubles, exact to 2^53 only.
 REDIS_APPLY = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('fintwin: undeclared') end
-local verdicts = {}
-for i = 3, #KEYS do
-  local seq, lo, hi = struct.unpack('<i8I4i4', ARGV[i])
+local n = tonumber(ARGV[3])
+local verdicts, applied = {}, {}
+for u = 1, n do
+  local i, value = u + 2, ARGV[u + 3]
+  local seq, lo, hi = struct.unpack('<i8I4i4', value)
   local old = redis.call('GET', KEYS[i])
   local old_seq, old_lo, old_hi = 0, 0, 0
   if old then old_seq, old_lo, old_hi = struct.unpack('<i8I4i4', old) end
@@ -800,11 +960,15 @@ for i = 3, #KEYS do
   if seq <= old_seq then reason = 'duplicate'
   elseif old and seq > old_seq + 1 then reason = 'sequence-gap'
   elseif old and (hi < old_hi or (hi == old_hi and lo < old_lo)) then reason = 'out-of-order'
-  else redis.call('SET', KEYS[i], ARGV[i]) end
+  else redis.call('SET', KEYS[i], value); applied[u] = true end
   verdicts[#verdicts + 1] = reason
   verdicts[#verdicts + 1] = old and string.sub(old, 1, 16) or ''
 end
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+for a = 1, #KEYS - 2 - n do
+  local at = n + 1 + 3 * a
+  if applied[tonumber(ARGV[at])] then redis.call('HSETNX', KEYS[2 + n + a], ARGV[at + 1], ARGV[at + 2]) end
+end
 return verdicts
 """
 
@@ -813,7 +977,8 @@ class RedisStateStore(StateStore):
     """States in Redis, for production (several machines, Triton instances and workers).
 
     Keys: ``fintwin:{MODEL:VERSION}:state:CUSTOMER`` (header: sequence number and timestamp,
-    then the state's bytes), ``...:cursors`` (a hash: consumer -> position) and ``...:layout``.
+    then the state's bytes), ``...:alerts:CUSTOMER`` (a hash: ``SEQ:KIND`` -> record),
+    ``...:cursors`` (a hash: consumer -> position) and ``...:layout``.
     A version's keys share a Redis Cluster hash slot, so the Lua script that judges and writes
     a batch and its position (atomically, in one round trip) is legal on a cluster too.
     Durability is the server's: run it with ``appendonly yes`` (``appendfsync always`` to keep
@@ -865,7 +1030,12 @@ class RedisStateStore(StateStore):
         keys = [prefix + "layout", prefix + "cursors"]
         keys += [f"{prefix}state:{update.customer_id}" for update in updates]
         args = [position.name, position.position] if position else ["", ""]
+        args += [len(updates)]
         args += [REDIS_HEADER.pack(u.seq, u.timestamp_ns) + u.state for u in updates]
+        for number, update in enumerate(updates, start=1):
+            for kind, record in update.alerts:
+                keys.append(f"{prefix}alerts:{update.customer_id}")
+                args += [number, f"{update.seq}:{kind}", record]
         try:
             replies = self._apply_script(keys=keys, args=args)
         except redis.ResponseError as exc:
@@ -912,10 +1082,53 @@ class RedisStateStore(StateStore):
         start = len((self._prefix(model, version) + "state:").encode())
         return [key[start:].decode() for key in self._state_keys(model, version)]
 
+    def _scan_states(self, model: str, version: int,
+                     batch: int) -> Iterator[list[tuple[str, Mark, bytes]]]:
+        start = len((self._prefix(model, version) + "state:").encode())
+        keys = self._redis.scan_iter(match=self._prefix(model, version) + "state:*", count=batch)
+        for chunk in batches(keys, batch):
+            values = self._redis.mget(chunk)
+            yield [
+                (key[start:].decode(), Mark(*REDIS_HEADER.unpack_from(value)),
+                 value[REDIS_HEADER.size :])
+                for key, value in zip(chunk, values, strict=True)
+                if value is not None  # deleted since the scan saw it
+            ]
+
+    def _record_alerts(self, model: str, version: int,
+                       alerts: Sequence[AlertRecord]) -> list[bool]:
+        prefix = self._prefix(model, version) + "alerts:"
+        with self._redis.pipeline(transaction=True) as pipe:
+            for a in alerts:
+                pipe.hsetnx(prefix + a.customer_key, f"{a.seq}:{a.kind}", a.record)
+            return [bool(new) for new in pipe.execute()]
+
+    def _alerts(self, model: str, version: int,
+                keys: Sequence[str] | None) -> list[AlertRecord]:
+        prefix = self._prefix(model, version) + "alerts:"
+        if keys is None:
+            start = len(prefix.encode())
+            keys = [key[start:].decode()
+                    for key in self._redis.scan_iter(match=prefix + "*", count=SCAN_BATCH)]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(prefix + key)
+            hashes = pipe.execute()
+        found = []
+        for key, fields in zip(keys, hashes, strict=True):
+            for field_name, record in fields.items():
+                seq, _, kind = field_name.decode().partition(":")
+                found.append(AlertRecord(key, int(seq), kind, record.decode()))
+        return found
+
     def _delete_version(self, model: str, version: int) -> int:
         removed = 0
         for chunk in chunks(list(self._state_keys(model, version)), LOOKUP_CHUNK):
             removed += self._redis.unlink(*chunk)
+        alert_keys = self._redis.scan_iter(match=self._prefix(model, version) + "alerts:*",
+                                           count=1000)
+        for chunk in batches(alert_keys, LOOKUP_CHUNK):
+            self._redis.unlink(*chunk)
         prefix = self._prefix(model, version)
         self._redis.unlink(prefix + "cursors", prefix + "layout")
         return removed

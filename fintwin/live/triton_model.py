@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fintwin.errors import FintwinInputError
+from fintwin.live.alerts import AlertConfig
 from fintwin.live.events import EventBatch, event_fields, read_events
 from fintwin.live.store import open_store
 from fintwin.live.twins import APPLIED, PREDICTION_FIELD, STEP_GRAPH, LiveTwins
@@ -40,6 +41,7 @@ STATE_STORE_PARAMETER = "state_store"
 STATE_STORE_ENV = "FINTWIN_STATE_STORE"
 INTRA_OP_THREADS_PARAMETER = "intra_op_threads"
 STATUS_OUTPUT, SEQ_OUTPUT, CURSOR_OUTPUT = "status", "seq", "stored_cursor"
+ALERTS_OUTPUT, TAILS_OUTPUT = "alerts", "event_tail_probs"
 
 Result = dict[str, np.ndarray] | Exception
 
@@ -123,9 +125,14 @@ class LiveModel:
         outputs[STATUS_OUTPUT] = np.full((rows, 1), b"", dtype=object)
         outputs[SEQ_OUTPUT] = np.zeros((rows, 1), dtype=np.int64)
         outputs[CURSOR_OUTPUT] = np.full((rows, 1), b"", dtype=object)
+        outputs[ALERTS_OUTPUT] = np.full((rows, 1), b"[]", dtype=object)
+        outputs[TAILS_OUTPUT] = np.full((rows, 3), np.nan, np.float32)
         answers = twins.apply(batch)
+        outputs[ALERTS_OUTPUT][batch.rows, 0] = [json.dumps(a).encode() for a in answers.alerts]
+        outputs[TAILS_OUTPUT][batch.rows] = answers.tails
         if self.metrics is not None:
             self.metrics.events(answers.status)
+            self.metrics.alerts([alert["kind"] for raised in answers.alerts for alert in raised])
             self.metrics.twins_created(int(np.sum((answers.seq == 1) & (answers.status == APPLIED))))
             self.metrics.observe_drift(applied_values(batch.features, answers.status, answers.seq,
                                                       answers.gap_days, answers.outputs))
@@ -156,8 +163,10 @@ class TritonPythonModel:
         url = store_url(configured, repository)
         metrics = triton_metrics(pb_utils, args)
         store = TimedStore(open_store(url), metrics)
+        alerts = AlertConfig.from_parameters(parameters, f"live model {config['name']} config")
         self.model = LiveModel(
-            LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads),
+            LiveTwins(version_dir, store, config["name"], int(args["model_version"]), threads,
+                      alerts),
             metrics,
         )
         pb_utils.Logger.log_info(

@@ -17,9 +17,12 @@ the customer's sequence number and the twin's predictions right after the event 
   events are stepped again from the fresh state, up to ``MAX_ATTEMPTS`` times, and answered
   ``conflict`` (nothing applied, send again) only when every attempt lost.
 
-The stored record of a customer is the step graph's state and the predictions after its last
-event (``prediction:<output>`` fields), so a twin's current predictions are read back without
-running anything (``summary``). ``bootstrap`` computes the states of every customer of a
+The stored record of a customer is the step graph's state, the predictions after its last
+event (``prediction:<output>`` fields, the predictive distribution's parameters among them)
+and the alerts' state (``fintwin.live.alerts``), so a twin's current predictions are read back
+without running anything (``summary``). Every applied event is answered with its alerts
+(``churn_risk``, ``unusual_event``), computed from the record before it and stored with the
+new state in one transaction. ``bootstrap`` computes the states of every customer of a
 history file in batched rounds and writes them with their event counts as sequence numbers.
 """
 
@@ -39,6 +42,14 @@ import pandas as pd
 
 from fintwin.data.features import NS_PER_DAY, FeaturiserSpec, customer_groups, stored_spec
 from fintwin.errors import FintwinInputError
+from fintwin.live.alerts import (
+    ALERT_STATE,
+    CHURN_STATE,
+    PARTS,
+    AlertConfig,
+    EventAlerts,
+    event_alerts,
+)
 from fintwin.live.events import EventBatch, position_key
 from fintwin.live.store import (
     StateBatch,
@@ -76,6 +87,7 @@ class StepGraph:
     silence_input: str
     state: dict[str, tuple[str, str]]  # field -> (graph input, graph output)
     outputs: tuple[str, ...]
+    distribution: tuple[str, ...]  # stored like outputs, not answered
 
     @classmethod
     def from_metadata(cls, step: Mapping) -> StepGraph:
@@ -84,6 +96,7 @@ class StepGraph:
             step["silence_input"],
             {name: tuple(names) for name, names in step["state"].items()},
             tuple(step["outputs"]),
+            tuple(step.get("distribution", ())),
         )
 
 
@@ -103,10 +116,11 @@ class StepSession:
         feeds = {name: features[name] for name in graph.event_inputs}
         feeds[graph.silence_input] = np.zeros(len(feeds[graph.event_inputs[0]]), np.float32)
         feeds |= {inputs: states[name] for name, (inputs, _) in graph.state.items()}
-        names = list(graph.outputs) + [output for _, output in graph.state.values()]
+        predicted = graph.outputs + graph.distribution
+        names = list(predicted) + [output for _, output in graph.state.values()]
         values = dict(zip(names, self.session.run(names, feeds), strict=True))
         new = {name: values[output] for name, (_, output) in graph.state.items()}
-        for name in graph.outputs:
+        for name in predicted:
             field = PREDICTION_FIELD.format(name)
             new[field] = values[name].reshape(len(values[name]), *self.shapes[field])
         return new
@@ -122,6 +136,8 @@ class Answers:
     cursor: str  # the consumer's stored position after the batch ('' without a consumer)
     gap_days: np.ndarray  # float64: days since the customer's previous event (NaN: none, or
     # not applied)
+    alerts: list[list[dict]]  # the alerts each event raised (none when not applied)
+    tails: np.ndarray  # [n, 3] the event's tail probabilities (alerts.PARTS); NaN: none
 
 
 @dataclass
@@ -138,11 +154,12 @@ class LiveTwins:
     """The live twins of one version of a live model (its version directory) in ``store``.
 
     ``model`` and ``version`` key the states (the live model's Triton name and version); the
-    store's layout for them is declared from the version's metadata.
+    store's layout for them is declared from the version's metadata. ``alerts``: the alert
+    thresholds (the live model's config parameters; defaults when None).
     """
 
     def __init__(self, version_dir: Path, store: StateStore, model: str, version: int,
-                 threads: int = 1) -> None:
+                 threads: int = 1, alerts: AlertConfig | None = None) -> None:
         version_dir = Path(version_dir)
         metadata = json.loads((version_dir / METADATA_NAME).read_text())
         source = str(version_dir / METADATA_NAME)
@@ -155,6 +172,14 @@ class LiveTwins:
                                    load_onnx(version_dir / STEP_GRAPH, threads))
         self.graph, self.layout, self.shapes = (self.stepper.graph, self.stepper.layout,
                                                 self.stepper.shapes)
+        needed = [*ALERT_STATE, *(PREDICTION_FIELD.format(n) for n in self.graph.distribution)]
+        if not self.graph.distribution or any(name not in self.shapes for name in needed):
+            raise FintwinInputError(
+                f"{source}: a live model exported without the alerts' fields (predictive "
+                "distribution, alert state); export the model again (fintwin export)"
+            )
+        self.alerts = alerts or AlertConfig()
+        self.labels = self.spec.vocab.labels()
         self.store, self.model, self.version = store, model, int(version)
         store.declare(model, self.version, self.layout)
 
@@ -169,6 +194,8 @@ class LiveTwins:
                                    dtype=np.float32) for name in self.graph.outputs},
             cursor="",
             gap_days=np.full(n, np.nan),
+            alerts=[[] for _ in range(n)],
+            tails=np.full((n, len(PARTS)), np.nan),
         )
         loaded = self.load(np.unique(events.customer_ids))
         todo, position = self._replayed(events, answers, loaded)
@@ -239,6 +266,8 @@ class LiveTwins:
             answers.status[event] = APPLIED
             answers.seq[event] = stepped.seq[row]
             answers.gap_days[event] = stepped.gap_days[row]
+            answers.alerts[event] = stepped.alerts[row]
+            answers.tails[event] = stepped.tails[row]
             for name in self.graph.outputs:
                 answers.outputs[name][event] = stepped.arrays[PREDICTION_FIELD.format(name)][row]
         return np.array([e for e in todo if events.customer_ids[e] in lost], dtype=np.int64)
@@ -271,17 +300,27 @@ class LiveTwins:
                              (timestamps - loaded.last_ns[index]) / NS_PER_DAY, 0.0)
             features = {name: events.features[name][event] for name in self.graph.event_inputs}
             features["delta_t"] = delta.astype(np.float32)
-            new = self.run(features, {name: value[index] for name, value in loaded.arrays.items()})
+            before = {name: value[index] for name, value in loaded.arrays.items()}
+            new = self.run(features, before)
+            raised = event_alerts(
+                self.alerts, before, loaded.seq[index], new,
+                {"event_type": features["event_type"], "amount": features["amount"],
+                 "gap_days": delta, "timestamp_ns": timestamps},
+                self.labels, self.spec.horizon_days,
+            )
+            new[CHURN_STATE] = raised.churn_state
             for name, value in new.items():
                 loaded.arrays[name][index] = value
             loaded.seq[index] += 1
             loaded.last_ns[index] = timestamps
-            stepped.record(first, event, loaded.seq[index], new)
+            stepped.record(first, event, loaded.seq[index], new, raised)
             stepped.gap_days[first:first + len(event)] = np.where(loaded.seq[index] > 1, delta,
                                                                   np.nan)
             first += len(event)
         updates = StateBatch([str(c) for c in events.customer_ids[stepped.event]], stepped.seq,
-                             events.timestamps_ns[stepped.event], stepped.arrays)
+                             events.timestamps_ns[stepped.event], stepped.arrays,
+                             [tuple((a["kind"], json.dumps(a)) for a in raised)
+                              for raised in stepped.alerts])
         return stepped, updates
 
     def run(self, features: Mapping[str, np.ndarray],
@@ -388,7 +427,8 @@ def open_live_twins(repo: Path, name: str, store: StateStore, version: int | Non
     version = versions[-1] if version is None else version
     if version not in versions:
         raise ModelRepositoryError(f"live model {name!r} has versions {versions}, not {version}")
-    return LiveTwins(model_dir / str(version), store, name, version, threads)
+    return LiveTwins(model_dir / str(version), store, name, version, threads,
+                     AlertConfig.of_model(model_dir))
 
 
 @dataclass
@@ -410,17 +450,20 @@ class Stepped:
     seq: np.ndarray
     arrays: dict[str, np.ndarray]
     gap_days: np.ndarray  # days since the customer's previous event (NaN: its first)
+    alerts: list[list[dict]]
+    tails: np.ndarray
 
     @classmethod
     def empty(cls, layout: StateLayout, n: int) -> Stepped:
         return cls(np.zeros(n, np.int64), np.zeros(n, np.int64),
                    {spec.name: np.zeros((n, *spec.shape), spec.dtype) for spec in layout.fields},
-                   np.full(n, np.nan))
+                   np.full(n, np.nan), [[] for _ in range(n)], np.full((n, len(PARTS)), np.nan))
 
     def record(self, first: int, events: np.ndarray, seq: np.ndarray,
-               new: Mapping[str, np.ndarray]) -> None:
-        """One round's events and results, from position ``first`` on."""
+               new: Mapping[str, np.ndarray], raised: EventAlerts) -> None:
+        """One round's events, results and alerts, from position ``first`` on."""
         rows = slice(first, first + len(events))
         self.event[rows], self.seq[rows] = events, seq
+        self.alerts[rows], self.tails[rows] = raised.alerts, raised.tails
         for name, value in new.items():
             self.arrays[name][rows] = value

@@ -300,7 +300,11 @@ class TwinModule(pl.LightningModule):
                         names: Collection[str] | None = None) -> dict[str, Tensor]:
         """The contract's outputs (all, or only ``names``) from hidden states ``[B, H]`` at
         customers' last events (``predict_last``; the live step model after each event)."""
-        out = self.head_outputs(hidden, days_since_last_event)
+        return self.contract_outputs(self.head_outputs(hidden, days_since_last_event), names)
+
+    def contract_outputs(self, out: HeadOutputs,
+                         names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """The contract's outputs (all, or only ``names``) of the heads' ``out``."""
         probs = torch.softmax(out.type_logits, dim=-1)
         outputs = {
             "next_event_probs": lambda: probs,
