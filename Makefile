@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	$(BIN)/pip check
 	touch $(STAMP)
 
-# Real servers the tests start on loopback: Debian's redis-server (live twins' state store).
+# Real servers the tests start on loopback: Debian's redis-server (live twins' state store)
+# and prometheus (scraping the embedded Triton's metrics).
 services:
-	@command -v redis-server >/dev/null || { \
+	@{ command -v redis-server && command -v prometheus; } >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus; }
 
 lock: $(STAMP)
 	$(BIN)/pip-compile $(PIP_COMPILE_FLAGS) -o $(LOCK) pyproject.toml
