@@ -35,7 +35,7 @@ from fintwin.export.triton_repo import METADATA_NAME, ModelRepositoryError, mode
 from fintwin.files import write_atomic
 from fintwin.monitor.drift import REFERENCE_KEY, Reference, Thresholds, windowed_psi
 from fintwin.monitor.reference import history_values, open_scratch_twins
-from fintwin.twin.report import png_bytes
+from fintwin.twin.report import page_head, png_bytes
 
 PLOTS = ("psi_over_time.png", "histograms.png")
 
@@ -181,16 +181,8 @@ def report_json(report: DriftReport) -> dict:
     }
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fintwin drift report</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-td.act {{ background: #f4b6b6; }} td.watch {{ background: #f9e3a3; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>Drift of {events} against {model}</h1>
+_CSS = "\ntd.act { background: #f4b6b6; } td.watch { background: #f9e3a3; }"
+_BODY = """<h1>Drift of {events} against {model}</h1>
 <p>Reference: the model's calibration events, {first} to {last} ({ref_events} events of
 {ref_customers} customers). PSI levels: watch at {watch}, act at {act}. Drifted (at or above
 watch): {drifted}.</p>
@@ -225,7 +217,7 @@ def report_html(report: DriftReport, model: str, events: str, images: dict[str, 
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode("ascii")}"></figure>' for name, png in images.items())
     ref = report.reference
-    return _PAGE.format(events=html.escape(events), model=html.escape(model),
+    return page_head("fintwin drift report", _CSS) + _BODY.format(events=html.escape(events), model=html.escape(model),
                         first=ref.period.get("first", "?"), last=ref.period.get("last", "?"),
                         ref_events=ref.events, ref_customers=ref.customers, watch=t.watch,
                         act=t.act, drifted=html.escape(", ".join(report.drifted()) or "none"),

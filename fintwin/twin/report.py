@@ -117,15 +117,20 @@ def metrics_table_html(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fintwin forecast report</title>
+def page_head(title: str, extra_css: str = "") -> str:
+    """The start of a self-contained HTML report page (its body follows)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-img {{ max-width: 100%; }}
+img {{ max-width: 100%; }}{extra_css}
 </style></head><body>
-<h1>Forecast report</h1>
+"""
+
+
+_BODY = """<h1>Forecast report</h1>
 <p>Calibration: transactions up to and including {cutoff}; holdout: {holdout_start} to
 {holdout_end} inclusive. Cohort: {n_customers} customers. Same-day events are merged into one
 transaction. Total errors are in percent; decile MAPE is a fraction.</p>
@@ -150,7 +155,7 @@ def report_html(
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></figure>'
         for name, png in images.items()
     )
-    return _PAGE.format(
+    return page_head("fintwin forecast report") + _BODY.format(
         cutoff=cutoff.date(),
         holdout_start=(cutoff + pd.Timedelta(days=1)).date(),
         holdout_end=holdout_end.date(),

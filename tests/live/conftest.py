@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from fintwin.live.pseudonyms import KEY_ENV, KEY_FILE_ENV
+from fintwin.serving.certificates import Pki
 from fintwin.serving.server import free_ports
-from tests.certificates import Pki
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 TEST_ID_SECRET = "live-tests-customer-id-secret-0123456789"
@@ -66,8 +66,8 @@ class RedisServer:
         options = ["--requirepass", self.password] if self.password else []
         if self.pki is not None:
             options += ["--port", "0", "--tls-port", str(self.port),
-                        "--tls-cert-file", str(self.pki.server.certificate),
-                        "--tls-key-file", str(self.pki.server.key),
+                        "--tls-cert-file", str(self.pki.server_cert),
+                        "--tls-key-file", str(self.pki.server_key),
                         "--tls-ca-cert-file", str(self.pki.ca), "--tls-auth-clients", "no"]
         return options
 
@@ -139,7 +139,7 @@ def require_redis_server() -> None:
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """Start redis-servers of one test (``start_redis(appendonly=True)``, with a password
-    and TLS: ``start_redis(password="...", pki=make_pki(...))``); all are stopped when the
+    and TLS: ``start_redis(password="...", pki=write_development_pki(...))``); all are stopped when the
     test ends."""
     require_redis_server()
     servers: list[RedisServer] = []

@@ -21,7 +21,7 @@ from fintwin.live.store import (
     StateUpdate,
     open_store,
 )
-from tests.certificates import make_pki
+from fintwin.serving.certificates import write_development_pki
 
 MODEL = "twin_live"
 LAYOUT = StateLayout.of({"h": ((1, 8), "float32")})
@@ -94,7 +94,7 @@ def test_redis_needs_the_shared_secret(redis_url: str, monkeypatch: pytest.Monke
 def test_redis_with_a_password_and_tls_keeps_no_raw_id(
     start_redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = start_redis(password="redis-test-password", pki=make_pki(tmp_path / "pki"))
+    server = start_redis(password="redis-test-password", pki=write_development_pki(tmp_path / "pki"))
     unauthenticated = server.url.replace(":redis-test-password@", "")
     password_file = tmp_path / "redis_password"
     password_file.write_text("redis-test-password\n")
