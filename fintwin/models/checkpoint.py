@@ -14,6 +14,7 @@ from fintwin.models.module import TwinModule
 
 DATA_STATE_KEY = "EventDataModule"
 SPLIT_KEYS = ("source", "cutoff", "observation_end", "simulator")
+PRIVACY_KEY = "privacy"  # the privacy budget spent up to the checkpoint (fintwin.privacy)
 
 
 @dataclass
@@ -63,4 +64,5 @@ def load_twin(path: str | Path) -> TrainedTwin:
     model.load_state_dict(ckpt["state_dict"])
     state = ckpt[DATA_STATE_KEY]
     spec = stored_spec(state, str(path))
-    return TrainedTwin(model.eval(), spec, {key: state.get(key) for key in SPLIT_KEYS})
+    split = {key: state.get(key) for key in SPLIT_KEYS}
+    return TrainedTwin(model.eval(), spec, split, ckpt.get(PRIVACY_KEY))
