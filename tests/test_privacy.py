@@ -69,6 +69,7 @@ def test_checkpoints_of_a_private_run_load_as_plain_twins(lstm_run):
     assert twin.privacy == ckpt[PRIVACY_KEY]
 
 
+@pytest.mark.slow
 def test_export_metadata_holds_the_epsilon(lstm_run, tmp_path):
     out, metrics = lstm_run
     best = out / metrics["best_checkpoint"]

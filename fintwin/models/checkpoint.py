@@ -20,11 +20,14 @@ PRIVACY_KEY = "privacy"  # the privacy budget spent up to the checkpoint (fintwi
 @dataclass
 class TrainedTwin:
     """A twin in eval mode, the featuriser spec it was trained with, and its split:
-    ``source``, ``cutoff``, ``observation_end`` and ``simulator`` (its config, or None)."""
+    ``source``, ``cutoff``, ``observation_end`` and ``simulator`` (its config, or None).
+    ``privacy``: the budget its weights were trained with under ``privacy=dp``
+    (``fintwin.privacy.DifferentialPrivacy.spent``), None otherwise."""
 
     model: TwinModule
     spec: FeaturiserSpec
     split: dict
+    privacy: dict | None = None
 
     @property
     def observation_end(self) -> pd.Timestamp:
