@@ -294,11 +294,6 @@ class DifferentialPrivacy(pl.Callback):
             self._grad_sample.remove_hooks()
             self._grad_sample = None
 
-    @property
-    def optimizer(self) -> DPOptimizer | None:
-        """The DP optimizer of the running fit."""
-        return self._optimizer
-
     def spent(self) -> dict[str, float | int | str]:
         """The budget spent so far (the accountant's epsilon at the plan's delta) and the
         settings it was spent with."""

@@ -49,7 +49,6 @@ def test_private_lstm_run_reports_its_epsilon(lstm_run):
     assert math.isfinite(saved["test/loss"])
 
 
-@pytest.mark.slow
 def test_private_transformer_run_reports_its_epsilon(tmp_path, events_csv):
     run(compose_cfg(tmp_path, private_overrides(events_csv, "transformer") + ["test=false"]))
     epsilon = json.loads((tmp_path / "metrics.json").read_text())["privacy/epsilon"]
