@@ -25,9 +25,9 @@ The defaults keep the table (8 trainings, 6 of them private) small enough for 2 
 a private step costs 3-6x an ordinary one (per-customer gradients; the DPLSTM runs its time
 steps in Python), so the models are small, the schedules short, the CDNOW column uses its
 2,357-customer sample (``cdnow_sample``, the tenth of the BG/NBD paper) without the weight
-average (its ~500-step window outlasts the run); batch 32 and lr 0.01 (instead of 64 and the
-config's 3e-3) take more, larger steps in so short a schedule. The numbers are those of short runs, far
-from the converged twins of ``bench/RESULTS.md``.
+average (its ~500-step window outlasts the run); batch 32 and lr 0.01 (instead of 64 and
+the config's 3e-3) take more, larger steps in so short a schedule. The numbers are those of
+short runs, far from the converged twins of ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
