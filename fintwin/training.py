@@ -28,6 +28,7 @@ from fintwin.errors import FintwinInputError
 from fintwin.files import write_atomic, write_json_atomic
 from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.encoders import ENCODERS
+from fintwin.privacy import DifferentialPrivacy, check_private_run, privacy_config
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def validate_config(cfg: DictConfig) -> None:
             lambda v: isinstance(v, int) and v > 0 and cfg.model.encoder.hidden_size % v == 0,
             "a positive integer dividing model.encoder.hidden_size",
         )
+    if cfg.get("privacy"):
+        check_private_run(cfg)
 
 
 def random_states() -> dict[str, Any]:
@@ -148,7 +151,9 @@ def _instantiate_all(section: DictConfig | None) -> list:
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """DataModule (set up), model sized from it, and trainer with callbacks and loggers."""
+    """DataModule (set up), model sized from it, and trainer with callbacks and loggers;
+    with ``privacy`` set, the ``DifferentialPrivacy`` callback first (it swaps in the DP
+    layers before any other callback copies the model)."""
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     model = instantiate(
@@ -159,9 +164,13 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         n_numeric=datamodule.spec.n_numeric,
         categorical_sizes=list(datamodule.spec.categorical_sizes),
     )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    privacy = privacy_config(cfg)
+    if privacy is not None:
+        callbacks.insert(0, DifferentialPrivacy(privacy))
     trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
     return datamodule, model, trainer
@@ -192,6 +201,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for callback in trainer.callbacks:
+        if isinstance(callback, DifferentialPrivacy):
+            metrics.update(callback.metrics())
     best = _best_checkpoint(trainer)
     if cfg.get("test"):
         if best:  # the served weights; trainer.test(ckpt_path=) restores the raw ones under EMA

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from fintwin.data.features import (
@@ -39,6 +41,7 @@ from fintwin.data.sequences import (
     training_gaps,
 )
 from fintwin.errors import FintwinInputError
+from fintwin.privacy import secret_generator
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,11 @@ class EventDataModule(pl.LightningDataModule):
     ``source``: a source name, a file or directory path (``fintwin.data.sources``), or
     ``events``, a table given directly. ``cutoff``: the last calibration day. ``schema``: how
     events are validated. ``split``: the held-out customers. ``seed``: the training batches'
-    order. After ``setup``, ``spec`` is the fitted ``FeaturiserSpec``.
+    order. ``poisson_sampling``: training batches are Poisson samples of the training
+    customers instead (each in with probability ``sample_rate``, independently, at every step:
+    what differentially private training is accounted for; ``fintwin.privacy``), drawn with a
+    generator seeded from the operating system. After ``setup``, ``spec`` is the fitted
+    ``FeaturiserSpec``.
     """
 
     def __init__(
@@ -195,6 +202,7 @@ class EventDataModule(pl.LightningDataModule):
         seed: int = 0,
         simulator: object | None = None,
         events: pd.DataFrame | None = None,
+        poisson_sampling: bool = False,
     ):
         super().__init__()
         if horizon_days <= 0:
@@ -212,6 +220,7 @@ class EventDataModule(pl.LightningDataModule):
         self.split = split or CustomerSplit()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.bucket_by_length, self.seed = bucket_by_length, seed
+        self.poisson_sampling = poisson_sampling
         self.events: pd.DataFrame | None = None
         self.sequences: SequenceSet | None = None
         self.spec: FeaturiserSpec | None = None
@@ -311,6 +320,30 @@ class EventDataModule(pl.LightningDataModule):
         """Gather a padded batch for the given customer indices."""
         return self.sequences.batch(np.asarray(index))
 
+    @property
+    def sample_rate(self) -> float:
+        """Probability of each training customer to be in a Poisson batch: ``batch_size``
+        customers per batch on average (all of them when there are fewer)."""
+        return min(1.0, self.batch_size / len(self.splits["train"]))
+
+    def _poisson_loader(self, index: np.ndarray, world: int) -> DataLoader:
+        """Training batches of ``poisson_sampling`` (``1 / sample_rate`` per epoch); an empty
+        draw is a batch of no customers (Opacus' ``wrap_collate_with_empty``)."""
+        if world > 1:
+            raise FintwinInputError(
+                "data.poisson_sampling: expected one process (trainer.devices=1)"
+            )
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(index), sample_rate=self.sample_rate, generator=secret_generator()
+        )
+        return DataLoader(
+            CustomerIndex(index),
+            batch_sampler=sampler,
+            collate_fn=wrap_collate_with_empty(collate_fn=self.collate),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         """Seeded, resumable shuffled batches for training; plain order otherwise; rank-aware.
 
@@ -326,6 +359,8 @@ class EventDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if train and self.poisson_sampling:
+            return self._poisson_loader(index, world)
         if train:
             sampler = EpochBatchSampler(
                 self.sequences.lengths[index],

@@ -142,19 +142,22 @@ def export_metadata(twin: TrainedTwin, ckpt: Path, report: ParityReport) -> dict
     under ``FEATURISER_KEY``), the quantile levels, the input/output contract with this model's
     sizes (the served model checks requests against it), metrics, provenance.
 
-    Served to clients as is, so it holds no path of the machine that exported it.
+    Served to clients as is, so it holds no path of the machine that exported it. A twin
+    trained with ``privacy=dp`` adds ``privacy``: the checkpoint's spent budget (epsilon,
+    delta, noise multiplier, clipping norm, steps, unit).
     """
     metrics_file = ckpt.parent.parent / "metrics.json"
     metrics = {}
     if metrics_file.is_file():
         metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items()
                    if isinstance(v, (int, float))}
+    privacy = {"privacy": twin.privacy} if twin.privacy is not None else {}
     return {
         FEATURISER_KEY: twin.spec.to_dict(), "observation_end": twin.split["observation_end"],
         "quantiles": list(QUANTILE_LEVELS), "encoder": twin.model.hparams.encoder["name"],
         "metrics": metrics, CONTRACT_KEY: exported_contract(twin.model.contract_sizes()),
         "parity_max_abs": report.max_abs, "source_commit": source_commit(),
-        "checkpoint": checkpoint_identity(ckpt),
+        "checkpoint": checkpoint_identity(ckpt), **privacy,
     }
 
 

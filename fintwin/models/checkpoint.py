@@ -14,16 +14,20 @@ from fintwin.models.module import TwinModule
 
 DATA_STATE_KEY = "EventDataModule"
 SPLIT_KEYS = ("source", "cutoff", "observation_end", "simulator")
+PRIVACY_KEY = "privacy"  # the privacy budget spent up to the checkpoint (fintwin.privacy)
 
 
 @dataclass
 class TrainedTwin:
     """A twin in eval mode, the featuriser spec it was trained with, and its split:
-    ``source``, ``cutoff``, ``observation_end`` and ``simulator`` (its config, or None)."""
+    ``source``, ``cutoff``, ``observation_end`` and ``simulator`` (its config, or None).
+    ``privacy``: the budget its weights were trained with under ``privacy=dp``
+    (``fintwin.privacy.DifferentialPrivacy.spent``), None otherwise."""
 
     model: TwinModule
     spec: FeaturiserSpec
     split: dict
+    privacy: dict | None = None
 
     @property
     def observation_end(self) -> pd.Timestamp:
@@ -63,4 +67,5 @@ def load_twin(path: str | Path) -> TrainedTwin:
     model.load_state_dict(ckpt["state_dict"])
     state = ckpt[DATA_STATE_KEY]
     spec = stored_spec(state, str(path))
-    return TrainedTwin(model.eval(), spec, {key: state.get(key) for key in SPLIT_KEYS})
+    split = {key: state.get(key) for key in SPLIT_KEYS}
+    return TrainedTwin(model.eval(), spec, split, ckpt.get(PRIVACY_KEY))

@@ -349,10 +349,11 @@ class TwinModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def _loss_normalisers(self, batch_size: int) -> dict[str, float]:
-        """Expected loss terms in a batch of ``batch_size`` customers (see the module doc)."""
+        """Expected loss terms in a batch of ``batch_size`` customers (see the module doc);
+        an empty batch (a Poisson draw of no customer) counts as one, so its loss is 0."""
         scaling = self.hparams.scaling
         return {
-            name: batch_size * max(float(scaling.get(f"{name}_per_customer", 1.0)), 1e-6)
+            name: max(batch_size, 1) * max(float(scaling.get(f"{name}_per_customer", 1.0)), 1e-6)
             for name in ("events", "time_terms", "churn_terms", "horizon_terms")
         }
 
