@@ -186,9 +186,10 @@ def rank_reasons(data: CustomerAttributions, top: int = TOP_REASONS) -> list[Rea
     groups += [("history", SUMMARY_TEXT[name].format(**values), value)
                for name, value in data.summary.items()]
     if data.silence != 0.0:
-        silent = (data.as_of - data.events["timestamp"].iloc[-1]).total_seconds() / 86_400
-        groups.append(("silence", f"silence of {days_text(silent)} since "
-                       f"{_day(data.events['timestamp'].iloc[-1])}", data.silence))
+        last = data.events["timestamp"].iloc[-1]
+        silent = (data.as_of - last).total_seconds() / 86_400
+        groups.append(("silence", f"silence of {days_text(silent)} since {_day(last)}",
+                       data.silence))
     order = sorted(range(len(groups)), key=lambda i: -abs(groups[i][2]))[:top]
     return [Reason(rank, *groups[i]) for rank, i in enumerate(order, start=1)]
 

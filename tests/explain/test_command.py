@@ -99,7 +99,7 @@ def test_export_writes_the_explanation_model_of_the_checkpoint(tiny_checkpoint, 
     assert main(["export", "--ckpt", str(tiny_checkpoint), "--repo", str(repo), "--name", "twin",
                  "--no-live"]) == 0
     assert sorted(p.name for p in (repo / "twin_explain" / "1").iterdir()) == [
-        "fintwin.json", "model.py", "twin.pt"]
+        "fintwin.json", "fintwin.sha256", "model.py", "twin.pt"]
     documents = []
     for source in (["--ckpt", str(tiny_checkpoint)], ["--repo", str(repo), "--model", "twin"]):
         out = tmp_path / f"{len(documents)}.json"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fintwin.monitor.metrics import ModelMetrics, PrometheusSink
 from fintwin.serving import python_model
 from fintwin.serving.client import InferenceError, InvalidRequestError, TritonTransport
 from fintwin.serving.python_model import InputError, OnnxModel
@@ -158,10 +159,15 @@ def test_execute_answers_every_request_even_when_the_model_raises(
     monkeypatch.setattr(python_model, "pb_utils", _FakeBackend)
     triton_model = python_model.TritonPythonModel()
     triton_model.model = OnnxModel(standin_onnx, standin.metadata)
+    sink = PrometheusSink()
+    triton_model.metrics = ModelMetrics(sink, "standin", 1)
     good = standin.random_inputs(rng, batch=2, seq=3)
     bad = {**good, "length": np.array([0, 1])}
 
     responses = triton_model.execute([_FakeRequest(good), _FakeRequest(bad)])
+    requests = sink.registry.get_sample_value
+    assert requests("fintwin_requests_total", {"model": "standin", "version": "1",
+                                               "outcome": "invalid"}) == 1
 
     assert responses[1].error is not None and "length" in str(responses[1].error)
     assert responses[1].error.code == "INVALID_ARG"  # the client's fault: HTTP 400

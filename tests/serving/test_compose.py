@@ -55,10 +55,12 @@ def test_ports_publish_only_tls_endpoints(service):
     """gRPC (TLS in tritonserver) and the proxy's HTTPS; plain HTTP and metrics stay inside."""
     flags = _flags(service)
     published = {
-        int(p.split(":")[0]): int(p.split(":")[1])
+        int(p.rsplit(":", 2)[-2]): (p.rsplit(":", 2)[0] if p.count(":") == 2 else "", int(p.rsplit(":", 1)[1]))
         for p in (str(p).split()[0] for p in service["ports"])
     }
-    assert published == {8001: 8001, 8443: 8443}
+    # to the network: gRPC and the proxy's HTTPS; Prometheus (in this network namespace) to the
+    # host's loopback only
+    assert published == {8001: ("", 8001), 8443: ("", 8443), 9090: ("127.0.0.1", 9090)}
     assert (flags["http-port"], flags["grpc-port"], flags["metrics-port"]) == (
         "8000",
         "8001",
