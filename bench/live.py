@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -49,6 +50,7 @@ from machine_info import machine as cpu_and_lock
 from fintwin.data.features import FEATURISER_KEY, FeaturiserSpec, Vocab
 from fintwin.data.simulator import EVENT_TYPES
 from fintwin.export.onnx import ParityReport
+from fintwin.live.pseudonyms import KEY_ENV
 from fintwin.live.repository import (
     export_step_graph,
     live_metadata,
@@ -279,6 +281,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per throughput cell")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault(KEY_ENV, secrets.token_hex(32))  # Redis needs the shared id secret
     started = time.time()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fintwin-bench-live-") as tmp:

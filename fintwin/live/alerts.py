@@ -147,9 +147,12 @@ def event_alerts(config: AlertConfig, before: Mapping[str, np.ndarray], seq: np.
     for row in np.flatnonzero(fires):
         alerts[row].append(churn_alert(config, row, seq, churn, event, horizon_days))
     combined = combined_tail(np.where(known[:, None], tails, 1.0))
-    for row in np.flatnonzero(combined < config.unusual_tail):
+    unusual = np.flatnonzero(combined < config.unusual_tail)
+    mixtures = before[PREDICTION.format("gap_mixture")][unusual].astype(np.float64)
+    medians = gap_quantile(mixtures, 0.5)  # one bisection for all of the batch's alerts
+    for row, median in zip(unusual, medians, strict=True):
         alerts[row].append(unusual_alert(config, row, seq, before, tails[row], combined[row],
-                                         event, labels))
+                                         event, labels, float(median)))
     return EventAlerts(alerts, tails, now_on.astype(np.float32)[:, None])
 
 
@@ -235,10 +238,10 @@ def churn_alert(config: AlertConfig, row: int, seq: np.ndarray, churn: np.ndarra
 
 def unusual_alert(config: AlertConfig, row: int, seq: np.ndarray,
                   before: Mapping[str, np.ndarray], tails: np.ndarray, combined: float,
-                  event: Mapping[str, np.ndarray], labels: np.ndarray) -> dict:
+                  event: Mapping[str, np.ndarray], labels: np.ndarray,
+                  gap_median_days: float) -> dict:
     type_id = int(event["event_type"][row])
     zero_logit, loc, log_scale = before[PREDICTION.format("amount_params")][row][:, type_id]
-    mixture = before[PREDICTION.format("gap_mixture")][row]
     return {
         "kind": UNUSUAL_EVENT,
         "seq": int(seq[row]) + 1,
@@ -255,7 +258,7 @@ def unusual_alert(config: AlertConfig, row: int, seq: np.ndarray,
             "amount_zero_prob": float(expit(zero_logit)),
             "amount_median": float(math.exp(loc)),
             "amount_log_sigma": float(math.exp(log_scale)),
-            "gap_median_days": float(gap_quantile(mixture[None], 0.5)[0]),
+            "gap_median_days": gap_median_days,
             "unusual_tail": config.unusual_tail,
         },
     }
