@@ -148,8 +148,9 @@ def event_alerts(config: AlertConfig, before: Mapping[str, np.ndarray], seq: np.
         alerts[row].append(churn_alert(config, row, seq, churn, event, horizon_days))
     combined = combined_tail(np.where(known[:, None], tails, 1.0))
     unusual = np.flatnonzero(combined < config.unusual_tail)
-    mixtures = before[PREDICTION.format("gap_mixture")][unusual].astype(np.float64)
-    medians = gap_quantile(mixtures, 0.5)  # one bisection for all of the batch's alerts
+    medians = gap_quantile(  # one bisection for all of the batch's alerts
+        before[PREDICTION.format("gap_mixture")][unusual].astype(np.float64), 0.5
+    ) if len(unusual) else []
     for row, median in zip(unusual, medians, strict=True):
         alerts[row].append(unusual_alert(config, row, seq, before, tails[row], combined[row],
                                          event, labels, float(median)))
