@@ -17,22 +17,15 @@ import argparse
 import datetime
 import logging
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from fitting import fit
 from machine_info import machine
-from omegaconf import open_dict
 
-from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.quality import quality_report
-from fintwin.training import build, register_resolvers
 
-REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 COLUMNS = ("test/model_nll", "test/oracle_nll", "test/oracle_skill")
 RUNS = {"with field": [], "without field": ["data.schema.categorical_features=[]"]}
@@ -59,20 +52,9 @@ def overrides(customers: int, epochs: int, hidden: int, max_len: int) -> list[st
 def train_and_score(extra: list[str], out_dir: Path) -> dict[str, float]:
     """Train as ``train.py`` does, test the selected checkpoint; its oracle metrics and the
     seconds ``trainer.fit`` took."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=extra)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, model, trainer = build(cfg)
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - started
-    model.load_state_dict(read_checkpoint(trainer.checkpoint_callback.best_model_path)["state_dict"])
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    return quality_report(model, datamodule) | {"train seconds": seconds}
+    run = fit(extra, out_dir)
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+    return quality_report(run.model, run.datamodule) | {"train seconds": run.seconds}
 
 
 def main() -> None:

@@ -37,31 +37,24 @@ import datetime
 import logging
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from fitting import fit
 from machine_info import machine
-from omegaconf import open_dict
 from torchmetrics.functional.classification import binary_auroc
 
 from fintwin.data.datamodule import EventDataModule
-from fintwin.models.checkpoint import read_checkpoint
 from fintwin.models.module import TwinModule
 from fintwin.models.quality import quality_report
 from fintwin.privacy import DifferentialPrivacy
-from fintwin.training import build, register_resolvers
 from fintwin.twin.evaluation import forecast_metrics, holdout_actuals
 from fintwin.twin.forecast import heads_forecast
 from fintwin.twin.pipeline import fit_baseline, parse_window
 
-REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 CUTOFF, HOLDOUT_END = "1997-09-30", "1998-06-30"
 ATTACK_SEED = 0
@@ -116,20 +109,11 @@ def privacy_overrides(epsilon: float | None) -> list[str]:
 def train(extra: list[str], out_dir: Path) -> tuple[EventDataModule, TwinModule, dict]:
     """Train as ``train.py`` does and load the selected checkpoint's served weights; the
     datamodule, the model and the fit's seconds and spent epsilon."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=extra)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, model, trainer = build(cfg)
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - started
-    model.load_state_dict(read_checkpoint(trainer.checkpoint_callback.best_model_path)["state_dict"])
+    run = fit(extra, out_dir)
+    trainer = run.trainer
     spent = [c.spent()["epsilon"] for c in trainer.callbacks if isinstance(c, DifferentialPrivacy)]
-    return datamodule, model.eval(), {"seconds": seconds, "epsilon": spent[0] if spent else None}
+    return run.datamodule, run.model, {"seconds": run.seconds,
+                                       "epsilon": spent[0] if spent else None}
 
 
 @torch.no_grad()
