@@ -4,6 +4,7 @@ throwaway CA made in the test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import ssl
@@ -82,11 +83,10 @@ def https_proxy(mtls_server: EmbeddedTriton, pki: Pki) -> Iterator[str]:
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
+            with contextlib.suppress(ConnectionError, ssl.SSLError):  # a peer hung up
+                while data := await reader.read(1 << 16):
+                    writer.write(data)
+                    await writer.drain()
         finally:
             writer.close()
 
@@ -257,8 +257,8 @@ def test_keys_never_reach_a_log(mtls_server, api_key, model_repo, pki, caplog):
     with caplog.at_level(logging.DEBUG, logger="fintwin.serving.server"):
         access = AccessControl(api_key=api_key)
         with EmbeddedTriton(model_repo, tls=ServerTls(pki.server_cert, pki.server_key),
-                            access=access):
-            pass
+                            access=access) as running:
+            assert running.health_problem() is None
     started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting ")]
     assert len(started) == 1 and "--grpc-use-ssl=true" in started[0]
     assert "inference,metadata,model-config:fintwin-api-key=***" in started[0]
