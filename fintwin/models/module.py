@@ -257,6 +257,7 @@ class TwinModule(pl.LightningModule):
         self.train_metrics = build_metrics(vocab_size)
         self.val_metrics = build_metrics(vocab_size)
         self.test_metrics = build_metrics(vocab_size)
+        self._clip_share = 1.0  # of the batch being trained on: configure_gradient_clipping
 
     # ----------------------------------------------------------------- model
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -478,6 +479,7 @@ class TwinModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        self._clip_share = self.batch_share(batch)
         return self._shared_step(batch, batch_idx, "train")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -490,6 +492,32 @@ class TwinModule(pl.LightningModule):
         return self.predict_last(batch)
 
     # ------------------------------------------------------------- training
+    def batch_share(self, batch: Mapping[str, Tensor]) -> float:
+        """The batch's real events over those expected of as many average customers: the
+        size of its loss (and so of its gradient) relative to a random batch's (about 1)."""
+        per_customer = float(self.hparams.scaling.get("time_terms_per_customer", 0.0))
+        rows = batch["length"].shape[0]
+        if per_customer <= 0 or rows == 0:
+            return 1.0
+        return float(batch["length"].sum()) / (rows * per_customer)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip at ``gradient_clip_val`` times the batch's share of events (``batch_share``).
+
+        A batch's gradient grows with its events; one threshold for all would scale a
+        length-bucketed batch of long histories down far more than one of short histories,
+        and the short customers' side of the likelihood (e.g. a high dormancy) would win.
+        A share-scaled threshold scales every batch alike, so bucketing stays unbiased.
+        """
+        if gradient_clip_val:
+            gradient_clip_val *= self._clip_share
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.compile:
             self.encoder.compile()

@@ -314,3 +314,19 @@ def test_loss_weighs_every_event_alike_across_batches(make_module, make_batch, e
     both = {key: torch.cat([short[key], long[key]]) for key in short}
     combined = module.loss(short) * 4 + module.loss(long) * 2
     torch.testing.assert_close(combined, module.loss(both) * 6)
+
+
+def test_gradient_clipping_scales_with_the_batchs_share_of_events(make_module, make_batch):
+    """A batch of long histories is clipped at a threshold as many times larger as it holds
+    more events than a batch of average customers (5 per customer in the test scaling)."""
+    module = make_module({"name": "lstm", "hidden_size": 8})
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    module.trainer = pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+    for lengths, share in (([1, 1, 2, 1], 0.25), ([5, 5], 1.0), ([9, 9, 9, 9, 9, 9], 1.8)):
+        batch = make_batch(lengths, max_len=9)
+        assert module.batch_share(batch) == pytest.approx(share)
+        module._clip_share = module.batch_share(batch)
+        parameter.grad = torch.full((4,), 10.0)  # norm 20
+        module.configure_gradient_clipping(optimizer, 1.0, "norm")
+        assert float(parameter.grad.norm()) == pytest.approx(share, rel=1e-4)
