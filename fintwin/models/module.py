@@ -54,6 +54,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
@@ -515,8 +516,11 @@ class TwinModule(pl.LightningModule):
         A share-scaled threshold scales every batch alike, so bucketing stays unbiased.
         """
         if gradient_clip_val:
-            gradient_clip_val *= self._clip_share
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            self.trainer.precision_plugin.clip_gradients(
+                optimizer,
+                gradient_clip_val * self._clip_share,
+                GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM),
+            )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.compile:

@@ -322,7 +322,9 @@ def test_gradient_clipping_scales_with_the_batchs_share_of_events(make_module, m
     module = make_module({"name": "lstm", "hidden_size": 8})
     parameter = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
-    module.trainer = pl.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+    module.trainer = pl.Trainer(
+        gradient_clip_val=1.0, logger=False, enable_progress_bar=False, accelerator="cpu"
+    )
     for lengths, share in (([1, 1, 2, 1], 0.25), ([5, 5], 1.0), ([9, 9, 9, 9, 9, 9], 1.8)):
         batch = make_batch(lengths, max_len=9)
         assert module.batch_share(batch) == pytest.approx(share)
