@@ -6,8 +6,10 @@ lengths, with and without length bucketing. Every cell is trained twice on the s
 by a Lightning ``Trainer`` (``train/loss`` logged every step, loss terms and metrics every
 50th) and by a bare PyTorch loop that minimises the module's own ``loss`` (same losses, no
 logging or metrics), AdamW with the module's parameter groups
-and schedule, and gradient clipping at norm 1. "Lightning / bare" is the ratio of their step
-times (median of the per-repetition ratios; runs of a pair are adjacent in time).
+and schedule, and gradient clipping at norm 1 times the batch's share of events
+(``TwinModule.batch_share``, as the module clips under Lightning). "Lightning / bare" is the
+ratio of their step times (median of the per-repetition ratios; runs of a pair are adjacent
+in time). The peer table marks the batching the shipped data configs use as "shipped".
 
 Throughput counts real (non-padding) events per second; the first ``--warmup`` steps are not
 timed; each number is the median of ``--repeats`` repetitions, all cells interleaved in
@@ -243,7 +245,7 @@ def train_bare(
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = model.loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP)
+        torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP * model.batch_share(batch))
         optimizer.step()
         scheduler.step()
         clock.tick(batch)
@@ -402,6 +404,15 @@ def overhead(ratio: float) -> str:
     return f"{ratio:.3f}" + ("" if ratio < MAX_OVERHEAD else f" > {MAX_OVERHEAD}")
 
 
+def shipped_bucketing() -> bool:
+    """Whether the shipped data configs bucket by length (``configs/data/*.yaml`` agree)."""
+    configs = sorted((REPO / "configs" / "data").glob("*.yaml"))
+    values = {bool(OmegaConf.load(path).bucket_by_length) for path in configs}
+    if len(values) != 1:
+        raise SystemExit(f"configs/data/*.yaml disagree on bucket_by_length: {values}")
+    return values.pop()
+
+
 def peer_table(
     results: dict[tuple[Cell, str], list[Throughput]], peers: list[dict[str, dict]]
 ) -> Table:
@@ -416,8 +427,10 @@ def peer_table(
     for bucketed in (True, False):
         runs = results[(Cell("lstm", PEER_MAX_LEN, bucketed), "lightning")]
         events_per_s = statistics.median(run.events_per_s for run in runs)
+        batching = "bucketed" if bucketed else "no bucketing"
+        shipped = ", shipped" if bucketed == shipped_bucketing() else ""
         table.add_row(
-            f"fintwin LSTM twin, all heads ({'bucketed' if bucketed else 'no bucketing'})",
+            f"fintwin LSTM twin, all heads ({batching}{shipped})",
             f"{events_per_s:,.0f}",
             f"{runs[0].padding:.0%}",
             f"{statistics.median(run.ms_per_step for run in runs):.0f}",
