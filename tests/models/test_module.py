@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from fintwin.data.contract import OUTPUT_NAMES
 from fintwin.export.graph import ExportableTwin
 from fintwin.models.encoders import gather_last
-from fintwin.models.module import TwinModule
+from fintwin.models.module import BinnedAUROC, TwinModule
 from fintwin.twin.rollout import (
     N_NOISE,
     TYPE,
@@ -332,3 +332,28 @@ def test_gradient_clipping_scales_with_the_batchs_share_of_events(make_module, m
         parameter.grad = torch.full((4,), 10.0)  # norm 20
         module.configure_gradient_clipping(optimizer, 1.0, "norm")
         assert float(parameter.grad.norm()) == pytest.approx(share, rel=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_binned_auroc_is_the_exact_auroc_of_the_binned_scores(deterministic):
+    """Per-bin counts give the Mann-Whitney AUROC of the bin indices (ties count half),
+    across updates, in constant memory, with deterministic algorithms on or off."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(3_000, generator=generator) ** 2
+    labels = (torch.rand(3_000, generator=generator) < probs).long()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        metric = BinnedAUROC(bins=50)
+        for part in torch.arange(3_000).chunk(3):
+            metric.update(probs[part], labels[part])
+        value = float(metric.compute())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    bins = (probs * 50).long().clamp(max=49).double()
+    positive, negative = bins[labels == 1], bins[labels == 0]
+    wins = (positive[:, None] > negative[None, :]).double().sum()
+    ties = (positive[:, None] == negative[None, :]).double().sum()
+    expected = float((wins + 0.5 * ties) / (len(positive) * len(negative)))
+    assert value == pytest.approx(expected, abs=1e-6)
+    assert metric.positives.sum() == len(positive) and metric.negatives.sum() == len(negative)
