@@ -345,12 +345,16 @@ class EventDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        """Seeded, resumable shuffled batches for training; plain order otherwise; rank-aware.
+        """Seeded, resumable shuffled batches for training; otherwise customers in order of
+        length (little padding; every evaluation metric is a sum over events, so batching
+        does not change it); rank-aware.
 
         The samplers shard by rank themselves, so DDP runs set
         ``trainer.use_distributed_sampler=false``.
         """
         index = self.splits[split]
+        if not train:
+            index = index[np.argsort(self.sequences.lengths[index], kind="stable")]
         world, rank = (
             (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         )
