@@ -64,13 +64,25 @@ class Vocab:
         """The smallest signed integer dtype that holds every id."""
         return np.min_scalar_type(-self.size)
 
+    def _codes(self, values: pd.Index | np.ndarray) -> np.ndarray:
+        """Position of each value among the tokens, -1 for unknown values."""
+        return pd.Categorical(values, categories=list(self.tokens)).codes
+
     def encode(self, values: pd.Series | np.ndarray, dtype: np.dtype = np.int64) -> np.ndarray:
         """Vectorised lookup (ids of ``dtype``): unknown values map to OOV_ID. A categorical
-        column is recoded through its categories, without a string per row."""
-        if not isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
-            values = np.asarray(values, dtype=object)
-        codes = pd.Categorical(values, categories=list(self.tokens)).codes  # -1: unknown
-        return np.arange(OOV_ID, self.size, dtype=dtype)[codes + 1]
+        column is recoded through its categories; other values are looked up
+        ``CHUNK_EVENTS`` at a time (no temporary the size of the column)."""
+        ids = np.arange(OOV_ID, self.size, dtype=dtype)  # ids[code + 1]
+        if isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
+            values = pd.Categorical(values)
+            by_code = np.append(ids[self._codes(values.categories) + 1], OOV_ID)
+            return by_code[values.codes]  # code -1 (missing) takes the last: OOV_ID
+        values = np.asarray(values, dtype=object)
+
+        def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
+            return {"id": ids[self._codes(values[lo:hi]) + 1]}
+
+        return in_chunks(len(values), chunk)["id"]
 
     def to_dict(self) -> dict[str, int]:
         """Mapping value -> id, as stored with checkpoints and exported models."""
