@@ -38,6 +38,10 @@ NS_PER_DAY = 86_400 * 10**9
 MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clamped to it)
 
 
+def _is_categorical(values: object) -> bool:
+    return isinstance(getattr(values, "dtype", None), pd.CategoricalDtype)
+
+
 @dataclass(frozen=True)
 class Vocab:
     """Vocabulary of event types (or of a categorical field's values): known values get ids
@@ -73,8 +77,8 @@ class Vocab:
         column is recoded through its categories; other values are looked up
         ``CHUNK_EVENTS`` at a time (no temporary the size of the column)."""
         ids = np.arange(OOV_ID, self.size, dtype=dtype)  # ids[code + 1]
-        if isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
-            values = pd.Categorical(values)
+        if _is_categorical(values):
+            values = getattr(values, "array", values)  # the Categorical itself, not a copy
             by_code = np.append(ids[self._codes(values.categories) + 1], OOV_ID)
             return by_code[values.codes]  # code -1 (missing) takes the last: OOV_ID
         values = np.asarray(values, dtype=object)
@@ -97,8 +101,8 @@ class Vocab:
 def run_starts(customer_ids: pd.Series | np.ndarray) -> np.ndarray:
     """Whether each row begins a customer's run (bool) in a table sorted by customer; a
     categorical column is compared by its integer codes."""
-    if isinstance(getattr(customer_ids, "dtype", None), pd.CategoricalDtype):
-        customer_ids = pd.Categorical(customer_ids).codes
+    if _is_categorical(customer_ids):
+        customer_ids = getattr(customer_ids, "array", customer_ids).codes
     ids = np.asarray(customer_ids)
     first = np.ones(len(ids), dtype=bool)
     np.not_equal(ids[1:], ids[:-1], out=first[1:])
