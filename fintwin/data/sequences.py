@@ -11,6 +11,7 @@ only ever see events before that instant; the holdout period is for forecast eva
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,15 +75,29 @@ def _next_event_targets(
         "next_gap": next_gap,
         "next_amount": np.where(is_last, 0.0, next_amount).astype(np.float32),
         "gap_censored": is_last,
-        "churn_label": (next_gap > horizon_days).astype(np.float32),
+        "churn_label": next_gap > horizon_days,
         "churn_mask": ~is_last | (elapsed >= horizon_days),
         "horizon_mask": times + horizon_days <= end_days,
     }
 
 
+BATCH_DTYPES = {
+    name: np.dtype(np.int64)
+    for name in ("event_type", "day_of_week", "day_of_month", "hour", "categorical", "next_type")
+} | {"churn_label": np.dtype(np.float32)}
+"""The dtypes batches hand out (the model contract's) where a ``SequenceSet`` keeps a narrower
+one: ids and calendar fields in the smallest integer type that holds them, churn labels as
+bool. The values are the same."""
+
+
+def _batch_dtype(name: str, values: np.ndarray) -> np.ndarray:
+    return values.astype(BATCH_DTYPES.get(name, values.dtype), copy=False)
+
+
 @dataclass
 class SequenceSet:
-    """Per-customer event sequences in CSR layout, with features and targets per event."""
+    """Per-customer event sequences in CSR layout, with features and targets per event
+    (ids, calendar fields and churn labels in narrow dtypes: ``BATCH_DTYPES``)."""
 
     customer_ids: np.ndarray
     starts: np.ndarray
@@ -120,9 +135,15 @@ class SequenceSet:
         for name, flat in arrays.items():
             values = flat[gather]
             mask = valid if values.ndim == 2 else valid[..., None]
-            out[name] = torch.from_numpy(np.where(mask, values, np.zeros((), dtype=flat.dtype)))
+            padded = np.where(mask, values, np.zeros((), dtype=flat.dtype))
+            out[name] = torch.from_numpy(_batch_dtype(name, padded))
         out["length"] = torch.from_numpy(lengths)
         return out
+
+    def at(self, rows: np.ndarray, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The features or targets ``names`` of the flat events ``rows``, in batch dtypes."""
+        arrays = self.features | self.targets
+        return {name: _batch_dtype(name, arrays[name][rows]) for name in names}
 
 
 def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[str, float]:
@@ -271,6 +292,22 @@ def _source_rows(
     return np.arange(lo, hi) + np.repeat(moves, within), is_last
 
 
+def _stored_dtypes(spec: FeaturiserSpec) -> dict[str, np.dtype]:
+    """The narrow dtypes a ``SequenceSet`` keeps ids and calendar fields in."""
+    categorical = np.result_type(
+        np.int8, *(vocab.compact_dtype for vocab in spec.categorical_vocabs)
+    )
+    small = np.dtype(np.int8)
+    return {
+        "event_type": spec.vocab.compact_dtype,
+        "next_type": spec.vocab.compact_dtype,
+        "day_of_week": small,
+        "day_of_month": small,
+        "hour": small,
+        "categorical": categorical,
+    }
+
+
 def build_sequences(
     events: pd.DataFrame, spec: FeaturiserSpec, *, cutoff: str | pd.Timestamp
 ) -> SequenceSet:
@@ -291,10 +328,13 @@ def build_sequences(
     shift = starts + counts - lengths - kept_starts  # table row - sequence event, per customer
     end_days = np.int64(end.value) / NS_PER_DAY
 
+    stored = _stored_dtypes(spec)
+
     def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
         rows, is_last = _source_rows(kept_starts, lengths, shift, lo, hi)
         targets = _next_event_targets(encoded, rows, is_last, end_days, spec.horizon_days)
-        return encoded.features(rows) | targets
+        arrays = encoded.features(rows) | targets
+        return {k: v.astype(stored.get(k, v.dtype), copy=False) for k, v in arrays.items()}
 
     arrays = in_chunks(int(lengths.sum()), chunk)
     return SequenceSet(

@@ -1,8 +1,10 @@
-"""build_sequences against a straightforward per-customer, per-event reference: bit for bit."""
+"""build_sequences against a straightforward per-customer, per-event reference: bit for bit
+in the dtypes batches hand out (the sequence set keeps ids and calendar fields narrower)."""
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fintwin.data import features, sequences
 from fintwin.data.features import NS_PER_DAY, OOV_ID, FeaturiserSpec, Vocab
@@ -146,10 +148,12 @@ def test_build_sequences_equals_reference_bit_for_bit(monkeypatch, chunk, seed):
     assert_identical(seq.customer_ids, expected["customer"], "customer_ids")
     assert_identical(seq.lengths, expected["length"], "lengths")
     assert_identical(seq.starts, np.cumsum(expected["length"]) - expected["length"], "starts")
-    for name in features_names():
-        assert_identical(seq.features[name], expected[name], name)
-    for name in TARGETS:
-        assert_identical(seq.targets[name], expected[name], name)
+    flat = seq.at(np.arange(seq.n_events), (*features_names(), *TARGETS))
+    batch = seq.batch(np.arange(len(seq)))
+    real = np.arange(batch["event_type"].shape[1])[None, :] < seq.lengths[:, None]
+    for name in (*features_names(), *TARGETS):
+        assert_identical(flat[name], expected[name], name)
+        assert_identical(batch[name].numpy()[real], expected[name], name)
     last = (
         events.groupby("customer_id")["timestamp"]
         .apply(lambda t: t[t < pd.Timestamp("2024-04-01")].max())
@@ -171,8 +175,9 @@ def test_event_features_are_the_untruncated_sequence_features():
     seq = build_sequences(events, spec, cutoff="2030-01-01")
     flat = spec.event_features(events)
     assert seq.n_events == len(events)
+    kept = seq.at(np.arange(seq.n_events), features_names())
     for name in features_names():
-        assert_identical(flat[name], seq.features[name], name)
+        assert_identical(kept[name], flat[name], name)
 
 
 def test_categorical_columns_give_the_same_sequences():
@@ -197,7 +202,19 @@ def test_categorical_columns_give_the_same_sequences():
 def test_no_calibration_event_gives_no_customer():
     seq = build_sequences(random_table(), SPEC, cutoff="1960-01-01")
     assert len(seq) == 0 and seq.n_events == 0
-    assert seq.features["numeric"].shape == (0, 1) and seq.targets["next_type"].dtype == np.int64
+    assert seq.features["numeric"].shape == (0, 1)
+    assert seq.batch(np.arange(0))["next_type"].dtype == torch.int64
+
+
+def test_ids_calendar_fields_and_churn_labels_are_kept_narrow():
+    """One byte per event for each id, calendar field and churn label; batches widen them."""
+    seq = build_sequences(random_table(), SPEC, cutoff=CUTOFF)
+    narrow = ("event_type", "day_of_week", "day_of_month", "hour", "categorical")
+    assert {seq.features[name].dtype for name in narrow} == {np.dtype(np.int8)}
+    assert seq.targets["next_type"].dtype == np.int8 and seq.targets["churn_label"].dtype == bool
+    batch = seq.batch(np.arange(4))
+    assert {batch[name].dtype for name in (*narrow, "next_type")} == {torch.int64}
+    assert batch["churn_label"].dtype == torch.float32
 
 
 def test_unsorted_events_are_refused_naming_the_row():
