@@ -79,7 +79,7 @@ class Vocab:
         ids = np.arange(OOV_ID, self.size, dtype=dtype)  # ids[code + 1]
         if _is_categorical(values):
             values = getattr(values, "array", values)  # the Categorical itself, not a copy
-            by_code = np.append(ids[self._codes(values.categories) + 1], OOV_ID)
+            by_code = np.append(ids[self._codes(values.categories) + 1], ids[0])  # OOV_ID
             return by_code[values.codes]  # code -1 (missing) takes the last: OOV_ID
         values = np.asarray(values, dtype=object)
 

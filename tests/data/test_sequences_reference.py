@@ -193,6 +193,7 @@ def test_categorical_columns_give_the_same_sequences():
         }
     )
     a, b = (build_sequences(t, SPEC, cutoff=CUTOFF) for t in (events, compact))
+    assert SPEC.encode(compact).event_type.dtype == np.int8
     assert_identical(b.customer_ids, a.customer_ids, "customer_ids")
     for name in (*features_names(), *TARGETS):
         both = (a.features | a.targets)[name], (b.features | b.targets)[name]
