@@ -16,7 +16,7 @@ calibration data only and applied inside the model, so the exported graph takes 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,10 @@ PAD_LABEL = "<pad>"  # the type name shown for PAD_ID
 OOV_LABEL = "<oov>"  # the type name shown for OOV_ID (a type unknown to the vocabulary)
 NS_PER_DAY = 86_400 * 10**9
 MIN_GAP_DAYS = 1e-3  # shortest gap between events (same-instant ties are clamped to it)
+
+
+def _is_categorical(values: object) -> bool:
+    return isinstance(getattr(values, "dtype", None), pd.CategoricalDtype)
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,30 @@ class Vocab:
         """Name of every id, indexable by id: PAD_LABEL, OOV_LABEL, then the known types."""
         return np.array([PAD_LABEL, OOV_LABEL, *self.tokens], dtype=object)
 
-    def encode(self, values: pd.Series | np.ndarray) -> np.ndarray:
-        """Vectorised lookup (int64 ids): unknown values map to OOV_ID."""
-        codes = pd.Categorical(np.asarray(values, dtype=object), categories=list(self.tokens)).codes
-        return np.where(codes < 0, OOV_ID, codes.astype(np.int64) + 2)
+    @property
+    def compact_dtype(self) -> np.dtype:
+        """The smallest signed integer dtype that holds every id."""
+        return np.min_scalar_type(-self.size)
+
+    def _codes(self, values: pd.Index | np.ndarray) -> np.ndarray:
+        """Position of each value among the tokens, -1 for unknown values."""
+        return pd.Categorical(values, categories=list(self.tokens)).codes
+
+    def encode(self, values: pd.Series | np.ndarray, dtype: np.dtype = np.int64) -> np.ndarray:
+        """Vectorised lookup (ids of ``dtype``): unknown values map to OOV_ID. A categorical
+        column is recoded through its categories; other values are looked up
+        ``CHUNK_EVENTS`` at a time (no temporary the size of the column)."""
+        ids = np.arange(OOV_ID, self.size, dtype=dtype)  # ids[code + 1]
+        if _is_categorical(values):
+            values = getattr(values, "array", values)  # the Categorical itself, not a copy
+            by_code = np.append(ids[self._codes(values.categories) + 1], ids[0])  # OOV_ID
+            return by_code[values.codes]  # code -1 (missing) takes the last: OOV_ID
+        values = np.asarray(values, dtype=object)
+
+        def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
+            return {"id": ids[self._codes(values[lo:hi]) + 1]}
+
+        return in_chunks(len(values), chunk)["id"]
 
     def to_dict(self) -> dict[str, int]:
         """Mapping value -> id, as stored with checkpoints and exported models."""
@@ -74,26 +98,106 @@ class Vocab:
         return cls(tuple(t for t, _ in sorted(mapping.items(), key=lambda kv: kv[1])))
 
 
-def customer_groups(customer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start offset of each customer's run in a table sorted by customer, and run lengths."""
+def run_starts(customer_ids: pd.Series | np.ndarray) -> np.ndarray:
+    """Whether each row begins a customer's run (bool) in a table sorted by customer; a
+    categorical column is compared by its integer codes."""
+    if _is_categorical(customer_ids):
+        customer_ids = getattr(customer_ids, "array", customer_ids).codes
     ids = np.asarray(customer_ids)
-    if len(ids) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    starts = np.concatenate([[0], change]).astype(np.int64)
-    counts = np.diff(np.concatenate([starts, [len(ids)]])).astype(np.int64)
+    first = np.ones(len(ids), dtype=bool)
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    return first
+
+
+def customer_groups(customer_ids: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start offset of each customer's run in a table sorted by customer, and run lengths."""
+    starts = np.flatnonzero(run_starts(customer_ids))
+    counts = np.diff(starts, append=len(customer_ids))
     return starts, counts
 
 
 def calendar_features(ns: np.ndarray) -> dict[str, np.ndarray]:
     """Day of week (Monday = 0), day of month and hour of int64 nanosecond timestamps."""
-    ts = ns.view("datetime64[ns]")
-    days = ts.astype("datetime64[D]")
+    days = ns // NS_PER_DAY  # floored, as numpy casts datetime64[ns] to datetime64[D]
+    if len(days):  # one table entry per calendar day the timestamps span
+        first = days.min()
+        span = np.arange(first, days.max() + 1).astype("datetime64[D]")
+        day_of_month = (span - span.astype("datetime64[M]")).astype(np.int64) + 1
+        days_in = days - first
+    else:
+        day_of_month, days_in = np.zeros(0, dtype=np.int64), days
     return {
-        "day_of_week": (days.astype(np.int64) + 3) % 7,  # 1970-01-01 was a Thursday
-        "day_of_month": (days - ts.astype("datetime64[M]")).astype(np.int64) + 1,
+        "day_of_week": (days + 3) % 7,  # 1970-01-01 was a Thursday
+        "day_of_month": day_of_month[days_in],
         "hour": (ns % NS_PER_DAY) // (3600 * 10**9),
     }
+
+
+def at_rows(values: np.ndarray, rows: slice | np.ndarray, offset: int = 0) -> np.ndarray:
+    """``values`` at ``rows`` (a slice or ascending row numbers) + ``offset``, clamped into
+    the array; a view when ``rows`` is a slice that stays inside."""
+    if isinstance(rows, slice):
+        start, stop = rows.start + offset, rows.stop + offset
+        if 0 <= start and stop <= len(values):
+            return values[start:stop]
+        rows = np.arange(rows.start, rows.stop)
+    elif offset == 0:
+        return values[rows]
+    return values[np.clip(rows + offset, 0, len(values) - 1)]
+
+
+CHUNK_EVENTS = 1 << 17  # events featurised at once: temporaries stay small and in cache
+
+
+def in_chunks(n: int, part: Callable[[int, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Arrays of ``n`` rows filled ``CHUNK_EVENTS`` rows at a time: ``part(lo, hi)`` returns
+    rows ``lo:hi`` of each array (every chunk the same names, dtypes and trailing shapes)."""
+    out = {}
+    for lo in range(0, max(n, 1), CHUNK_EVENTS):
+        hi = min(lo + CHUNK_EVENTS, n)
+        for name, values in part(lo, hi).items():
+            if name not in out:
+                out[name] = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+            out[name][lo:hi] = values
+    return out
+
+
+@dataclass(frozen=True)
+class EncodedEvents:
+    """A validated event table as the featuriser reads it: int64 nanosecond times, where each
+    customer's run begins, compact vocabulary ids (``Vocab.compact_dtype``), and the amount
+    and numeric columns as they are (views of the table, not copies)."""
+
+    ns: np.ndarray
+    first: np.ndarray
+    event_type: np.ndarray
+    amount: np.ndarray
+    numeric: tuple[np.ndarray, ...] = ()
+    categorical: tuple[np.ndarray, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ns)
+
+    def features(self, rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """The per-event model inputs of ``rows`` (``FeaturiserSpec.event_features``)."""
+        ns = at_rows(self.ns, rows)
+        delta = (ns - at_rows(self.ns, rows, -1)) / NS_PER_DAY
+        delta[at_rows(self.first, rows)] = 0.0
+        features = {
+            "event_type": at_rows(self.event_type, rows).astype(np.int64),
+            "amount": at_rows(self.amount, rows).astype(np.float32),
+            "delta_t": delta.astype(np.float32),
+            **calendar_features(ns),
+        }
+        if self.numeric:
+            features["numeric"] = np.stack([at_rows(v, rows) for v in self.numeric], 1).astype(
+                np.float32
+            )
+        if self.categorical:
+            features["categorical"] = np.stack(
+                [at_rows(v, rows) for v in self.categorical], 1
+            ).astype(np.int64)
+        return features
 
 
 def read_events(
@@ -265,6 +369,25 @@ class FeaturiserSpec:
             simulator_config=simulator_config,
         )
 
+    def encode(self, events: pd.DataFrame, starts: np.ndarray | None = None) -> EncodedEvents:
+        """A validated table (sorted by customer then time) as ``EncodedEvents``; ``starts``
+        (first row of each customer) is found from ``customer_id`` when not given."""
+        if starts is None:
+            first = run_starts(events["customer_id"])
+        else:
+            first = np.zeros(len(events), dtype=bool)
+            first[starts] = True
+        return EncodedEvents(
+            ns=events["timestamp"].to_numpy("datetime64[ns]").view(np.int64),
+            first=first,
+            event_type=self.vocab.encode(events["event_type"], self.vocab.compact_dtype),
+            amount=events["amount"].to_numpy(),
+            numeric=tuple(events[name].to_numpy() for name in self.numeric_features),
+            categorical=tuple(
+                vocab.encode(events[name], vocab.compact_dtype) for name, vocab in self.categorical
+            ),
+        )
+
     def event_features(
         self, events: pd.DataFrame, starts: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
@@ -274,29 +397,8 @@ class FeaturiserSpec:
         ``numeric`` float32 ``[N, F]`` and ``categorical`` int64 ids ``[N, C]`` when declared.
         ``starts`` (first row of each customer) is computed when not given.
         """
-        ns = events["timestamp"].to_numpy("datetime64[ns]").view(np.int64)
-        if starts is None:
-            starts, _ = customer_groups(events["customer_id"].to_numpy())
-        delta = np.zeros(len(ns), dtype=np.float64)
-        delta[1:] = np.diff(ns) / NS_PER_DAY
-        delta[starts] = 0.0
-        features = {
-            "event_type": self.vocab.encode(events["event_type"].to_numpy()),
-            "amount": events["amount"].to_numpy(np.float32),
-            "delta_t": delta.astype(np.float32),
-            **calendar_features(ns),
-        }
-        if self.numeric_features:
-            features["numeric"] = events[list(self.numeric_features)].to_numpy(np.float32)
-        if self.categorical_features:
-            features["categorical"] = np.stack(
-                [
-                    vocab.encode(events[name].to_numpy())
-                    for name, vocab in self.categorical
-                ],
-                axis=1,
-            )
-        return features
+        encoded = self.encode(events, starts)
+        return in_chunks(len(encoded), lambda lo, hi: encoded.features(slice(lo, hi)))
 
     def sequences(self, events: pd.DataFrame, cutoff: str | pd.Timestamp) -> SequenceSet:
         """Calibration histories with targets (events before the end of day ``cutoff``)."""

@@ -11,6 +11,7 @@ only ever see events before that instant; the holdout period is for forecast eva
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,14 @@ import pandas as pd
 import torch
 from scipy import optimize, stats
 
-from fintwin.data.features import MIN_GAP_DAYS, NS_PER_DAY, customer_groups
+from fintwin.data.features import (
+    CHUNK_EVENTS,
+    MIN_GAP_DAYS,
+    NS_PER_DAY,
+    EncodedEvents,
+    at_rows,
+    in_chunks,
+)
 from fintwin.errors import FintwinInputError
 
 if TYPE_CHECKING:
@@ -48,36 +56,48 @@ def calibration_events(events: pd.DataFrame, cutoff: str | pd.Timestamp) -> pd.D
 
 
 def _next_event_targets(
-    times: np.ndarray,
-    group: np.ndarray,
-    features: dict[str, np.ndarray],
+    encoded: EncodedEvents,
+    rows: slice | np.ndarray,
+    is_last: np.ndarray,
     end_days: float,
     horizon_days: float,
 ) -> dict[str, np.ndarray]:
-    """Per-event targets about what follows each event (flat arrays)."""
-    n = len(times)
-    is_last = np.ones(n, dtype=bool)
-    is_last[:-1] = group[1:] != group[:-1]
-    nxt = np.minimum(np.arange(n) + 1, n - 1)
+    """Per-event targets about what follows each of ``rows`` (``is_last``: the customer's
+    last calibration event, whose next gap is censored at ``end_days``)."""
+    ns = at_rows(encoded.ns, rows)
+    times = ns / NS_PER_DAY
     elapsed = end_days - times
-    next_gap = np.where(is_last, elapsed, features["delta_t"][nxt]).astype(np.float32)
-    churn_label = (next_gap > horizon_days).astype(np.float32)
-    churn_mask = ~is_last | (elapsed >= horizon_days)
-
+    gap = ((at_rows(encoded.ns, rows, 1) - ns) / NS_PER_DAY).astype(np.float32)
+    next_gap = np.where(is_last, elapsed, gap).astype(np.float32)
+    next_amount = at_rows(encoded.amount, rows, 1).astype(np.float32)
     return {
-        "next_type": np.where(is_last, 0, features["event_type"][nxt]).astype(np.int64),
+        "next_type": np.where(is_last, 0, at_rows(encoded.event_type, rows, 1)).astype(np.int64),
         "next_gap": next_gap,
-        "next_amount": np.where(is_last, 0.0, features["amount"][nxt]).astype(np.float32),
+        "next_amount": np.where(is_last, 0.0, next_amount).astype(np.float32),
         "gap_censored": is_last,
-        "churn_label": churn_label,
-        "churn_mask": churn_mask,
+        "churn_label": next_gap > horizon_days,
+        "churn_mask": ~is_last | (elapsed >= horizon_days),
         "horizon_mask": times + horizon_days <= end_days,
     }
 
 
+BATCH_DTYPES = {
+    name: np.dtype(np.int64)
+    for name in ("event_type", "day_of_week", "day_of_month", "hour", "categorical", "next_type")
+} | {"churn_label": np.dtype(np.float32)}
+"""The dtypes batches hand out (the model contract's) where a ``SequenceSet`` keeps a narrower
+one: ids and calendar fields in the smallest integer type that holds them, churn labels as
+bool. The values are the same."""
+
+
+def _batch_dtype(name: str, values: np.ndarray) -> np.ndarray:
+    return values.astype(BATCH_DTYPES.get(name, values.dtype), copy=False)
+
+
 @dataclass
 class SequenceSet:
-    """Per-customer event sequences in CSR layout, with features and targets per event."""
+    """Per-customer event sequences in CSR layout, with features and targets per event
+    (ids, calendar fields and churn labels in narrow dtypes: ``BATCH_DTYPES``)."""
 
     customer_ids: np.ndarray
     starts: np.ndarray
@@ -115,9 +135,15 @@ class SequenceSet:
         for name, flat in arrays.items():
             values = flat[gather]
             mask = valid if values.ndim == 2 else valid[..., None]
-            out[name] = torch.from_numpy(np.where(mask, values, np.zeros((), dtype=flat.dtype)))
+            padded = np.where(mask, values, np.zeros((), dtype=flat.dtype))
+            out[name] = torch.from_numpy(_batch_dtype(name, padded))
         out["length"] = torch.from_numpy(lengths)
         return out
+
+    def at(self, rows: np.ndarray, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The features or targets ``names`` of the flat events ``rows``, in batch dtypes."""
+        arrays = self.features | self.targets
+        return {name: _batch_dtype(name, arrays[name][rows]) for name in names}
 
 
 def loss_terms_per_customer(sequences: SequenceSet, index: np.ndarray) -> dict[str, float]:
@@ -219,6 +245,69 @@ def fit_population_gaps(observed: np.ndarray, censored: np.ndarray) -> tuple[flo
     return float(theta[0]), float(np.exp(theta[1])), float(1 / (1 + np.exp(-theta[2])))
 
 
+def _check_time_order(encoded: EncodedEvents) -> None:
+    """``FintwinInputError`` naming the first row earlier than the one before it of the same
+    customer (a table not sorted by customer then time)."""
+    for lo in range(1, len(encoded), CHUNK_EVENTS):
+        hi = min(lo + CHUNK_EVENTS, len(encoded))
+        back = (encoded.ns[lo:hi] < encoded.ns[lo - 1 : hi - 1]) & ~encoded.first[lo:hi]
+        if back.any():
+            raise FintwinInputError(
+                f"events: row {lo + int(np.flatnonzero(back)[0])} is earlier than the row "
+                "before it of the same customer; expected events sorted by customer then time "
+                "(fintwin.data.schema.validate_events sorts them)"
+            )
+
+
+def _calibration_runs(encoded: EncodedEvents, end_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """First row and number of calibration events (before ``end_ns``) of every customer with
+    any: they lead the customer's run in a table sorted by customer then time."""
+    _check_time_order(encoded)
+    starts = np.flatnonzero(encoded.first)
+    calibrated = encoded.ns < end_ns
+    if calibrated.all():
+        return starts, np.diff(starts, append=len(encoded))
+    starts = starts[calibrated[starts]]
+    last = calibrated.copy()
+    last[:-1] &= encoded.first[1:] | ~calibrated[1:]
+    return starts, np.flatnonzero(last) - starts + 1
+
+
+def _source_rows(
+    kept_starts: np.ndarray, lengths: np.ndarray, shift: np.ndarray, lo: int, hi: int
+) -> tuple[slice | np.ndarray, np.ndarray]:
+    """Table rows of the sequence events ``lo:hi`` (a slice when one ``shift`` maps them all)
+    and whether each is its customer's last."""
+    is_last = np.zeros(hi - lo, dtype=bool)
+    if hi == lo:
+        return slice(lo, hi), is_last
+    first = np.searchsorted(kept_starts, lo, "right") - 1
+    stop = np.searchsorted(kept_starts, hi, "left")
+    ends = kept_starts[first:stop] + lengths[first:stop] - lo
+    is_last[ends[ends <= hi - lo] - 1] = True
+    moves = shift[first:stop]
+    if moves[0] == moves[-1]:  # shift never decreases, so all are equal
+        return slice(lo + int(moves[0]), hi + int(moves[0])), is_last
+    within = np.diff(np.clip(kept_starts[first:stop], lo, hi), append=hi)
+    return np.arange(lo, hi) + np.repeat(moves, within), is_last
+
+
+def _stored_dtypes(spec: FeaturiserSpec) -> dict[str, np.dtype]:
+    """The narrow dtypes a ``SequenceSet`` keeps ids and calendar fields in."""
+    categorical = np.result_type(
+        np.int8, *(vocab.compact_dtype for vocab in spec.categorical_vocabs)
+    )
+    small = np.dtype(np.int8)
+    return {
+        "event_type": spec.vocab.compact_dtype,
+        "next_type": spec.vocab.compact_dtype,
+        "day_of_week": small,
+        "day_of_month": small,
+        "hour": small,
+        "categorical": categorical,
+    }
+
+
 def build_sequences(
     events: pd.DataFrame, spec: FeaturiserSpec, *, cutoff: str | pd.Timestamp
 ) -> SequenceSet:
@@ -228,29 +317,33 @@ def build_sequences(
     ``events`` must be validated (sorted by customer then time). Each customer keeps its most
     recent ``spec.max_len`` events; targets are computed on the full calibration history
     first, so truncation never changes a target. Customers with a single event are kept.
+    The table is read once through compact ids (``FeaturiserSpec.encode``) and featurised
+    ``CHUNK_EVENTS`` events at a time straight into the result's arrays.
     """
     end = observation_end(cutoff)
-    events = calibration_events(events, cutoff)
-    starts, counts = customer_groups(events["customer_id"].to_numpy())
-    features = spec.event_features(events, starts)
-    group = np.repeat(np.arange(len(starts)), counts)
-    origin = np.datetime64("1970-01-01", "ns")
-    times = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64) / NS_PER_DAY
-    end_days = (end.to_datetime64() - origin).astype(np.int64) / NS_PER_DAY
-    targets = _next_event_targets(times, group, features, end_days, spec.horizon_days)
+    encoded = spec.encode(events)
+    starts, counts = _calibration_runs(encoded, end.value)
+    lengths = np.minimum(counts, spec.max_len)
+    kept_starts = np.cumsum(lengths) - lengths
+    shift = starts + counts - lengths - kept_starts  # table row - sequence event, per customer
+    end_days = np.int64(end.value) / NS_PER_DAY
 
-    position_from_end = np.repeat(starts + counts, counts) - np.arange(len(group)) - 1
-    keep = position_from_end < spec.max_len
-    kept_counts = np.minimum(counts, spec.max_len)
-    kept_starts = np.concatenate([[0], np.cumsum(kept_counts)[:-1]]).astype(np.int64)
-    last_index = starts + counts - 1 if len(starts) else starts
+    stored = _stored_dtypes(spec)
+
+    def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
+        rows, is_last = _source_rows(kept_starts, lengths, shift, lo, hi)
+        targets = _next_event_targets(encoded, rows, is_last, end_days, spec.horizon_days)
+        arrays = encoded.features(rows) | targets
+        return {k: v.astype(stored.get(k, v.dtype), copy=False) for k, v in arrays.items()}
+
+    arrays = in_chunks(int(lengths.sum()), chunk)
     return SequenceSet(
-        customer_ids=events["customer_id"].to_numpy()[starts].astype(str),
+        customer_ids=events["customer_id"].iloc[starts].to_numpy().astype(str),
         starts=kept_starts,
-        lengths=kept_counts,
-        features={k: v[keep] for k, v in features.items()},
-        targets={k: v[keep] for k, v in targets.items()},
-        last_event_time=events["timestamp"].to_numpy("datetime64[ns]")[last_index],
+        lengths=lengths,
+        features={k: v for k, v in arrays.items() if k not in TARGETS},
+        targets={k: arrays[k] for k in TARGETS},
+        last_event_time=encoded.ns[starts + counts - 1].view("datetime64[ns]"),
         observation_end=end,
     )
 

@@ -387,8 +387,7 @@ class LiveTwins:
         for t in range(int(lengths.max(initial=0))):
             live = np.flatnonzero(lengths > t)
             rows = sequences.starts[index[live]] + t
-            features = {name: sequences.features[name][rows]
-                        for name in (*self.graph.event_inputs, "delta_t")}
+            features = sequences.at(rows, (*self.graph.event_inputs, "delta_t"))
             new = self.run(features, {name: value[live] for name, value in arrays.items()})
             for name, value in new.items():
                 arrays[name][live] = value
