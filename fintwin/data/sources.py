@@ -193,8 +193,8 @@ def read_parquet(path: Path, columns: list[str], filter_expr: pads.Expression | 
 def merge_same_day(events: pd.DataFrame, numeric_features: list[str]) -> pd.DataFrame:
     """Merge a customer's events of the same type on the same calendar day into one event.
 
-    Amounts and numeric features are summed; the event keeps the day's first timestamp.
-    This is the BG/NBD convention for CDNOW (67,591 transactions from 69,659 rows).
+    Amounts and numeric features are summed; the event keeps the day's first timestamp; the
+    result is sorted by customer then time. This is the BG/NBD convention for CDNOW (67,591 transactions from 69,659 rows).
     """
     day = events["timestamp"].dt.floor("D")
     keys = [events["customer_id"], day.rename("_day"), events["event_type"]]
@@ -202,6 +202,8 @@ def merge_same_day(events: pd.DataFrame, numeric_features: list[str]) -> pd.Data
     extra = [c for c in events.columns if c not in {"customer_id", "event_type", *agg}]
     agg.update({c: "first" for c in extra})
     merged = events.groupby(keys, sort=True, observed=True).agg(agg).reset_index()
+    # one day's events of several types come out by type: put them back in time order
+    merged = merged.sort_values(["customer_id", "timestamp"], kind="stable", ignore_index=True)
     return merged.drop(columns="_day")[list(events.columns)]
 
 

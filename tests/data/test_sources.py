@@ -35,6 +35,20 @@ def test_merge_same_day_sums_amount_and_features():
     assert out["timestamp"].iloc[0] == pd.Timestamp("2024-01-01 09:00")
 
 
+def test_merge_same_day_keeps_each_customers_events_in_time_order():
+    """A day's events of several types are merged per type and come back in time order, not
+    in the order of their type names (the sequence builder refuses a table out of order)."""
+    df = pd.DataFrame({"customer_id": ["a", "a", "a", "b"],
+                       "timestamp": pd.to_datetime(["2024-01-01 09:00", "2024-01-01 15:00",
+                                                    "2024-01-01 18:00", "2024-01-01 08:00"]),
+                       "event_type": ["zeta", "alpha", "zeta", "alpha"], "amount": [1.0, 2.0, 4.0, 8.0]})
+    out = merge_same_day(df, [])
+    assert out["customer_id"].tolist() == ["a", "a", "b"]
+    assert out["event_type"].tolist() == ["zeta", "alpha", "alpha"]
+    assert out["amount"].tolist() == [5.0, 2.0, 8.0]
+    assert out.index.tolist() == [0, 1, 2]
+
+
 def test_csv_keeps_string_ids(tmp_path, events):
     events = events.assign(customer_id="00" + events["customer_id"].str[1:])
     path = tmp_path / "events.csv"
