@@ -125,7 +125,7 @@ def pit_figure(
         ax.axhline(1.0, color="grey", linestyle=":", label="calibrated")
         ax.set(xlabel="PIT", ylabel="density", xlim=(0, 1))
         ax.set_title(f"PIT histogram: {label}")
-        ax.legend()
+        ax.legend(loc="lower center")
     return fig
 
 
