@@ -138,7 +138,7 @@ def pit_table(pit: Mapping[str, Mapping[str, np.ndarray]]) -> pd.DataFrame:
         for outcome in PIT_OUTCOMES
     }
     bins = len(next(iter(columns.values())))
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = np.linspace(0.0, 1.0, bins + 1).round(12)  # 0.3, not 0.30000000000000004
     return pd.DataFrame({"bin_start": edges[:-1], "bin_end": edges[1:], **columns})
 
 
