@@ -10,10 +10,15 @@ beyond N, its PIT is 1). Distributions are built with N large enough that this c
 material: the sample PMF puts no mass beyond its largest sample, the BG/NBD PMF is cut where
 every customer's tail is below 1e-9.
 
+Their keys carry the prefix ``txn_``.
+
 - Log score: mean over customers of log P(X = y), positively oriented (higher is better; 0 for
   a sure and right forecast). Probabilities below ``LOG_FLOOR`` (1e-12, log -27.6) are raised to
   it so that one impossible outcome gives a finite, heavily penalised score; the share of
-  customers floored is reported with it.
+  customers floored is reported with it. A PMF estimated from S Monte Carlo paths
+  (``sample_pmf``) scores below the distribution it estimates (log is concave, and an outcome
+  rarer than 1 / S is often missed by the paths), by a margin that shrinks as S grows; compare
+  it with an exact PMF at several S (bench/RESULTS.md: CDNOW at 100 to 1,000 paths).
 - Ranked probability score (RPS, the CRPS of an integer-valued forecast): mean over customers
   of sum_k (F(k) - 1{y <= k})^2, lower is better; 0 for a sure and right forecast, |y - m| for
   a point mass at m.
