@@ -287,18 +287,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fintwin.twin.evaluation import METRIC_KEYS
     from fintwin.twin.pipeline import report
+    from fintwin.twin.scores import SCORE_KEYS
 
     metrics = report(args.ckpt, args.data, args.cutoff, args.holdout_end, args.out,
                      samples=args.samples, seed=args.seed, device=args.device)
-    table = Table(title=f"holdout {args.cutoff} .. {args.holdout_end}")
-    keys = sorted({k for m in metrics.values() for k in m})
-    table.add_column("metric")
-    for model in metrics:
-        table.add_column(model, justify="right")
-    for key in keys:
-        table.add_row(key, *(f"{metrics[m].get(key, float('nan')):.4g}" for m in metrics))
-    Console().print(table)
+    console = Console()
+    for title, keys in ((f"holdout {args.cutoff} .. {args.holdout_end}", METRIC_KEYS),
+                        ("predictive distributions (log score: higher is better)", SCORE_KEYS)):
+        models = [m for m in metrics if any(key in metrics[m] for key in keys)]
+        table = Table(title=title)
+        table.add_column("metric")
+        for model in models:
+            table.add_column(model, justify="right")
+        for key in keys:
+            table.add_row(key, *(f"{metrics[m].get(key, float('nan')):.4g}" for m in models))
+        console.print(table)
     print(f"report -> {args.out / 'report.html'}")
     return 0
 

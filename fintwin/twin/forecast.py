@@ -21,6 +21,8 @@ holdout is (cutoff, holdout_end], both whole days, as in `fintwin.twin.evaluatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
@@ -28,13 +30,14 @@ import torch
 from fintwin.data.sequences import SequenceSet, calibration_events
 from fintwin.models.encoders import gather_last
 from fintwin.models.module import TwinModule
-from fintwin.twin.evaluation import as_day, week_ends
+from fintwin.twin.evaluation import align_predictions, as_day, week_ends
 from fintwin.twin.rollout import (
     RolloutResult,
     eval_mode,
     model_device,
     window_bounds,
 )
+from fintwin.twin.scores import HoldoutDistribution
 
 HEADS_BATCH = 4096
 
@@ -50,6 +53,28 @@ def rollout_forecast(result: RolloutResult) -> pd.DataFrame:
             "p_alive": summary["p_alive"],
         },
         index=summary.index,
+    )
+
+
+def rollout_distribution(
+    results: Sequence[RolloutResult], actual: pd.DataFrame
+) -> HoldoutDistribution:
+    """Each customer's predictive distribution of holdout transactions and spend from the paths
+    of ``results`` (rollouts with ``keep_outcomes``; several, e.g. an ensemble's members, pool
+    their paths), with the actuals (`holdout_actuals` output), rows in their order."""
+    transactions, spend = [], []
+    for result in results:
+        if result.path_transactions is None or result.path_spend is None:
+            raise ValueError("the rollout kept no path outcomes: run it with keep_outcomes=True")
+        position = pd.DataFrame({"row": np.arange(len(result.summary))}, result.summary.index)
+        rows = align_predictions(position, actual)["row"].to_numpy()
+        transactions.append(result.path_transactions[rows])
+        spend.append(result.path_spend[rows])
+    return HoldoutDistribution.from_samples(
+        np.concatenate(transactions, axis=1),
+        np.concatenate(spend, axis=1),
+        actual["txn"].to_numpy(),
+        actual["spend"].to_numpy(float),
     )
 
 

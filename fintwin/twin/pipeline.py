@@ -32,10 +32,11 @@ from fintwin.twin.forecast import (
     heads_forecast,
     holdout_week_ends,
     rollout_cumulative,
+    rollout_distribution,
     rollout_forecast,
 )
 from fintwin.twin.report import write_report
-from fintwin.twin.rollout import RolloutConfig, rollout
+from fintwin.twin.rollout import RolloutConfig, RolloutResult, rollout
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,12 @@ def has_dates_only(events: pd.DataFrame) -> bool:
 
 
 def rollout_config(
-    events: pd.DataFrame, samples: int, seed: int, max_steps: int, keep_paths: bool = False
+    events: pd.DataFrame,
+    samples: int,
+    seed: int,
+    max_steps: int,
+    keep_paths: bool = False,
+    keep_outcomes: bool = False,
 ) -> RolloutConfig:
     """Rollout settings for a CLI run (progress bar on, hours off for date-only data)."""
     return RolloutConfig(
@@ -153,6 +159,7 @@ def rollout_config(
         max_steps=max_steps,
         dates_only=has_dates_only(events),
         keep_paths=keep_paths,
+        keep_outcomes=keep_outcomes,
         progress=True,
     )
 
@@ -266,9 +273,9 @@ def twin_forecasts(
     window: tuple[pd.Timestamp, pd.Timestamp],
     config: RolloutConfig,
     days: pd.DatetimeIndex,
-) -> tuple[dict[str, pd.DataFrame], dict[str, pd.Series], int]:
+) -> tuple[dict[str, pd.DataFrame], dict[str, pd.Series], RolloutResult]:
     """One twin's holdout forecasts (``twin``: rollouts, ``twin_heads``: direct heads), their
-    expected cumulative transactions through ``days`` and the number of capped paths."""
+    expected cumulative transactions through ``days`` and the rollouts themselves."""
     cut, last = window
     sequences = twin.spec.sequences(events, cut)
     result = rollout(twin.model, sequences, twin.spec.vocab, last, config)
@@ -278,7 +285,7 @@ def twin_forecasts(
         "twin": rollout_cumulative(result, days),
         "twin_heads": heads_cumulative(heads, cut, last, days),
     }
-    return predictions, cumulative, result.n_capped
+    return predictions, cumulative, result
 
 
 def mean_of(
@@ -304,10 +311,13 @@ def report(
 
     Writes ``write_report``'s files (metrics.json with ``twin``, ``twin_heads`` and
     ``bgnbd``, the plots, report.html) and ``forecasts.parquet`` (per-customer forecasts and
-    actuals) to ``out_dir``; returns the metrics. Refuses a checkpoint trained on data after
-    the cut-off. Several checkpoints (e.g. seeds) form an ensemble: each simulates
+    actuals) to ``out_dir``; returns the metrics: `forecast_metrics` of every model, and for
+    the rollouts and BG/NBD, whose forecasts are distributions, the `fintwin.twin.scores` of
+    their distributions of holdout transactions and spend. Refuses a checkpoint trained on
+    data after the cut-off. Several checkpoints (e.g. seeds) form an ensemble: each simulates
     ``samples`` paths per customer (rollout seed ``seed + i``) and the twin's forecasts are
-    the members' averages, the forecasts of their equal-weight mixture.
+    the members' averages, the forecasts of their equal-weight mixture (whose distribution
+    pools the members' paths).
     """
     cut, last = parse_window(cutoff, holdout_end, "holdout_end")
     members = load_members(ckpt, device)
@@ -317,26 +327,35 @@ def report(
     check_inside_data(events, data_source, cut, last)
     baseline = fit_baseline(events, cut)
     days = holdout_week_ends(events, cut, last)
-    config = rollout_config(events, samples, seed, max_steps)
-    forecasts, curves, n_capped = [], [], 0
+    config = rollout_config(events, samples, seed, max_steps, keep_outcomes=True)
+    forecasts, curves, results = [], [], []
     for i, (_, twin) in enumerate(members):
         member_config = replace(config, seed=seed + i)
-        predictions, cumulative, capped = twin_forecasts(
+        predictions, cumulative, result = twin_forecasts(
             twin, events, (cut, last), member_config, days
         )
         forecasts.append(predictions)
         curves.append(cumulative)
-        n_capped += capped
+        results.append(result)
     predictions = mean_of(forecasts) | {"bgnbd": baseline.predict(last)}
     actual = holdout_actuals(events, cut, last)
     metrics = {name: forecast_metrics(pred, actual) for name, pred in predictions.items()}
+    distributions = {
+        "twin": rollout_distribution(results, actual),
+        "bgnbd": baseline.holdout_distribution(last, actual),
+    }
+    scores = {name: d.scores() for name, d in distributions.items()}
+    pit = {name: d.pit_histograms() for name, d in distributions.items()}
     tracking = weekly_tracking(
         events,
         cut,
         last,
         holdout_cumulative=mean_of(curves) | {"bgnbd": baseline.expected_cumulative_holdout(days)},
     )
-    write_report(out_dir, metrics, tracking, predictions, actual, cutoff=cut, holdout_end=last)
+    write_report(
+        out_dir, metrics, tracking, predictions, actual, cutoff=cut, holdout_end=last,
+        scores=scores, pit=pit,
+    )  # fmt: skip
     write_parquet(forecasts_table(predictions, actual), Path(out_dir) / FORECASTS_FILE)
     log.info(
         "report in %s (%d customers, %d twin(s) x %d samples, %d capped paths)",
@@ -344,6 +363,6 @@ def report(
         len(actual),
         len(members),
         samples,
-        n_capped,
+        sum(result.n_capped for result in results),
     )
-    return metrics
+    return {name: values | scores.get(name, {}) for name, values in metrics.items()}

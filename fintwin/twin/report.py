@@ -5,7 +5,11 @@ Files written to the output directory (each atomically, ``fintwin.files.write_at
 - `tracking.png`: cumulative weekly repeat transactions, actual vs each model;
 - `calibration.png`: mean actual vs mean predicted per decile of prediction (transactions, spend);
 - `spend_deciles.png`: predicted vs actual total spend per decile of predicted spend, per model;
-- `report.html`: split dates, a metrics table and the plots embedded as base64 data URIs.
+- with distribution scores (`fintwin.twin.scores`, for the models whose forecasts are
+  distributions): their values in metrics.json beside each model's metrics, `pit.png` (the
+  models' PIT histograms side by side, transactions and spend) and `pit.csv` (its densities);
+- `report.html`: split dates, a metrics table (and a table of the distribution scores) and the
+  plots embedded as base64 data URIs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from fintwin.twin.evaluation import align_predictions, decile_table, split_days
 
 PLOT_FILES = ("tracking.png", "calibration.png", "spend_deciles.png")
 TRACKING_FILE = "tracking.csv"  # the weekly cumulative curves behind tracking.png
+PIT_PLOT = "pit.png"
+PIT_FILE = "pit.csv"  # the PIT histograms behind pit.png
+PIT_OUTCOMES = {"txn": "holdout transactions", "spend": "holdout spend"}
 
 
 def _json_value(value: float | None) -> float | None:
@@ -100,6 +107,41 @@ def spend_decile_figure(predictions: Mapping[str, pd.DataFrame], actual: pd.Data
     return fig
 
 
+def pit_figure(
+    pit: Mapping[str, Mapping[str, np.ndarray]], scores: Mapping[str, Mapping[str, float]]
+) -> Figure:
+    """Each model's mean-PIT densities side by side, one panel per outcome, with its KS
+    distance in the legend; a calibrated model's bars are all at 1."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, len(PIT_OUTCOMES))
+    width = 1.0 / len(pit)
+    for ax, (outcome, label) in zip(axes, PIT_OUTCOMES.items(), strict=True):
+        for i, (name, histograms) in enumerate(pit.items()):
+            density = histograms[outcome]
+            bins = len(density)
+            centres = (np.arange(bins) + (i + 0.5) * width) / bins
+            ks = scores[name][f"{outcome}_pit_ks"]
+            ax.bar(centres, density, width=width / bins, label=f"{name} (KS {ks:.3f})")
+        ax.axhline(1.0, color="grey", linestyle=":", label="calibrated")
+        ax.set(xlabel="PIT", ylabel="density", xlim=(0, 1))
+        ax.set_title(f"PIT histogram: {label}")
+        ax.legend(loc="lower center")
+    return fig
+
+
+def pit_table(pit: Mapping[str, Mapping[str, np.ndarray]]) -> pd.DataFrame:
+    """The PIT densities as a table: one row per bin (``bin_start``, ``bin_end``), one column
+    per model and outcome (``<model>_<outcome>``)."""
+    columns = {
+        f"{name}_{outcome}": histograms[outcome]
+        for name, histograms in pit.items()
+        for outcome in PIT_OUTCOMES
+    }
+    bins = len(next(iter(columns.values())))
+    edges = np.linspace(0.0, 1.0, bins + 1).round(12)  # 0.3, not 0.30000000000000004
+    return pd.DataFrame({"bin_start": edges[:-1], "bin_end": edges[1:], **columns})
+
+
 def _format(value: float | None) -> str:
     value = _json_value(value)
     return "n/a" if value is None else f"{value:.4g}"
@@ -136,9 +178,24 @@ _BODY = """<h1>Forecast report</h1>
 transaction. Total errors are in percent; decile MAPE is a fraction.</p>
 <h2>Metrics</h2>
 {table}
+{distributions}
 <h2>Plots</h2>
 {images}
 </body></html>
+"""
+
+
+_DISTRIBUTIONS = """<h2>Predictive distributions</h2>
+<p>Each model's distribution of every customer's holdout transactions and spend, scored at the
+actual outcome (<code>fintwin.twin.scores</code>). Log score: mean log probability of the actual
+count (higher is better; probabilities floored at 1e-12, share floored in
+<code>txn_log_floored</code>). RPS: ranked probability score (lower is better). PIT: the
+non-randomised PIT of Czado, Gneiting and Held (2009); KS: its largest distance from uniform.
+<code>cover50</code> / <code>cover80</code>: share of actuals inside the central 50% / 80%
+interval between the model's quantiles; a count interval holds more than its level, so
+<code>cover*_expected</code> is what a calibrated model would cover; <code>pit_cover*</code>:
+PIT mass in the central 50% / 80%, the level itself when calibrated.</p>
+{table}
 """
 
 
@@ -148,8 +205,10 @@ def report_html(
     cutoff: pd.Timestamp,
     holdout_end: pd.Timestamp,
     n_customers: int,
+    scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
-    """The report page; `images` maps a file name to PNG bytes, embedded as data URIs."""
+    """The report page; `images` maps a file name to PNG bytes, embedded as data URIs;
+    `scores`: the distribution scores of the models that have them."""
     figures = "\n".join(
         f'<figure><img alt="{html.escape(name)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}"></figure>'
@@ -161,6 +220,7 @@ def report_html(
         holdout_end=holdout_end.date(),
         n_customers=n_customers,
         table=metrics_table_html(metrics),
+        distributions=_DISTRIBUTIONS.format(table=metrics_table_html(scores)) if scores else "",
         images=figures,
     )
 
@@ -174,17 +234,27 @@ def write_report(
     *,
     cutoff: str | pd.Timestamp,
     holdout_end: str | pd.Timestamp,
+    scores: Mapping[str, Mapping[str, float]] | None = None,
+    pit: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write metrics.json, the PNG plots, `TRACKING_FILE` and report.html to `out_dir`; return
     report.html's path.
 
     `metrics`: {model: forecast_metrics(...)}; `tracking`: `weekly_tracking` output;
     `predictions`: {model: DataFrame with `pred_txn`, `pred_spend`} indexed like `actual`
-    (`holdout_actuals` output); `cutoff` / `holdout_end`: the split days.
+    (`holdout_actuals` output); `cutoff` / `holdout_end`: the split days. `scores`:
+    {model: HoldoutDistribution.scores()} and `pit`: {model: its pit_histograms()}, for the
+    models (among `metrics`') whose forecasts are distributions; both or neither.
     """
     cut, end = split_days(cutoff, holdout_end)
     if not predictions:
         raise ValueError("write_report needs the predictions of at least one model")
+    scores, pit = scores or {}, pit or {}
+    if set(scores) != set(pit) or not set(scores) <= set(metrics):
+        raise ValueError(
+            f"distribution scores of {sorted(scores)} and PIT histograms of {sorted(pit)}: "
+            f"expected the same models, among those with metrics ({sorted(metrics)})"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     aligned = {name: align_predictions(pred, actual) for name, pred in predictions.items()}
@@ -194,10 +264,14 @@ def write_report(
         spend_decile_figure(aligned, actual),
     )
     images = {name: png_bytes(fig) for name, fig in zip(PLOT_FILES, figures, strict=True)}
-    write_atomic(out / "metrics.json", metrics_json(metrics))
+    if pit:
+        images[PIT_PLOT] = png_bytes(pit_figure(pit, scores))
+        write_atomic(out / PIT_FILE, pit_table(pit).to_csv(index=False))
+    merged = {name: {**values, **scores.get(name, {})} for name, values in metrics.items()}
+    write_atomic(out / "metrics.json", metrics_json(merged))
     write_atomic(out / TRACKING_FILE, tracking.to_csv(index_label="week_end"))
     for name, png in images.items():
         write_atomic(out / name, png)
-    page = report_html(metrics, images, cut, end, len(actual))
+    page = report_html(metrics, images, cut, end, len(actual), scores)
     write_atomic(out / "report.html", page)
     return out / "report.html"

@@ -80,6 +80,7 @@ class RolloutConfig:
         quantiles: levels of the per-customer count and spend quantiles.
         dates_only: the source records dates only, so generated events get hour 0.
         keep_paths: also return every sampled event.
+        keep_outcomes: also return every path's transactions and spend (for distributions).
         progress: show a progress bar over chunks.
     """
 
@@ -91,6 +92,7 @@ class RolloutConfig:
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     dates_only: bool = False
     keep_paths: bool = False
+    keep_outcomes: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -189,7 +191,8 @@ class RolloutResult:
     the start, exact given the model); ``count_q*`` / ``spend_q*`` quantiles; ``capped_paths``.
     ``daily_transactions``: expected transactions per day of the window, all customers.
     ``paths``: the sampled events when kept (``customer_id``, ``sample``, ``timestamp``,
-    ``event_type``, ``amount``, ``injected``).
+    ``event_type``, ``amount``, ``injected``). ``path_transactions`` / ``path_spend``: when
+    kept, every path's outcomes, ``[customers, samples]`` arrays in the rows of ``summary``.
     """
 
     summary: pd.DataFrame
@@ -201,6 +204,8 @@ class RolloutResult:
     max_steps_run: int
     encoder_steps: int
     paths: pd.DataFrame | None = None
+    path_transactions: np.ndarray | None = None
+    path_spend: np.ndarray | None = None
 
     @property
     def n_paths(self) -> int:
@@ -802,7 +807,7 @@ def rollout(
     models = as_members(model)
     config = config or RolloutConfig()
     start, end = window_bounds(sequences, horizon_end)
-    summaries, paths = [], []
+    summaries, paths, transactions, spend = [], [], [], []
     daily, n_capped, steps, encoder_steps = None, 0, 0, 0
     with eval_mode(*models):
         for outcome in iter_pooled_chunks(models, sequences, horizon_end, config, forced):
@@ -813,6 +818,9 @@ def rollout(
             encoder_steps += outcome.encoder_steps
             if outcome.paths is not None:
                 paths.append(paths_frame(outcome.paths, sequences, vocab, start))
+            if config.keep_outcomes:
+                transactions.append(outcome.transactions.numpy().astype(np.int64))
+                spend.append(outcome.spend.numpy())
     if n_capped:
         log.warning(
             "%d of %d paths reached max_steps=%d before the horizon end; their counts are "
@@ -832,4 +840,6 @@ def rollout(
         max_steps_run=steps,
         encoder_steps=encoder_steps,
         paths=pd.concat(paths, ignore_index=True) if config.keep_paths else None,
+        path_transactions=np.concatenate(transactions) if config.keep_outcomes else None,
+        path_spend=np.concatenate(spend) if config.keep_outcomes else None,
     )

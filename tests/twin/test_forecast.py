@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,9 +16,11 @@ from fintwin.twin.forecast import (
     heads_forecast,
     holdout_week_ends,
     rollout_cumulative,
+    rollout_distribution,
     rollout_forecast,
 )
 from fintwin.twin.rollout import RolloutConfig, rollout
+from fintwin.twin.scores import rank_bounds, sample_pmf
 from tests.twin.conftest import (
     CUTOFF,
     HORIZON_DAYS,
@@ -92,6 +96,29 @@ def test_rollout_forecast_and_its_weekly_curve(events: pd.DataFrame) -> None:
     after = tracking.index > pd.Timestamp(CUTOFF)
     assert tracking.loc[after, "twin"].notna().all()
     assert tracking.loc[~after, "twin"].isna().all()
+
+
+def test_rollout_distribution_pools_the_paths_in_the_actuals_order(events: pd.DataFrame) -> None:
+    model = fix_heads(build_twin(), KnownHeads(gap_median=3.0, gap_sigma=1.0, p_dormant=0.2))
+    sequences = SPEC.sequences(events, CUTOFF)
+    config = RolloutConfig(samples=40, keep_outcomes=True)
+    results = [
+        rollout(model, sequences, VOCAB, HOLDOUT_END, replace(config, seed=seed))
+        for seed in (0, 1)
+    ]
+    ids = results[0].summary.index[::-1]
+    actual = pd.DataFrame({"txn": np.arange(len(ids)), "spend": 10.0 * np.arange(len(ids))}, ids)
+    distribution = rollout_distribution(results, actual)
+    paths = np.concatenate([r.path_transactions for r in results], axis=1)[::-1]
+    np.testing.assert_allclose(distribution.txn_pmf, sample_pmf(paths))
+    np.testing.assert_array_equal(distribution.txn, actual["txn"])
+    spend = np.concatenate([r.path_spend for r in results], axis=1)[::-1]
+    lower, upper = rank_bounds(spend, actual["spend"].to_numpy())
+    np.testing.assert_array_equal(distribution.spend_lower, lower)
+    np.testing.assert_array_equal(distribution.spend_upper, upper)
+    unkept = rollout(model, sequences, VOCAB, HOLDOUT_END, RolloutConfig(samples=2))
+    with pytest.raises(ValueError, match="kept no path outcomes"):
+        rollout_distribution([unkept], actual)
 
 
 def test_heads_curve_spreads_the_total_evenly() -> None:

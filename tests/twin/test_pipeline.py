@@ -19,12 +19,14 @@ from fintwin.models.checkpoint import DATA_STATE_KEY
 from fintwin.models.module import TwinModule
 from fintwin.twin.evaluation import METRIC_KEYS
 from fintwin.twin.pipeline import report, simulate
-from fintwin.twin.report import PLOT_FILES
+from fintwin.twin.report import PIT_FILE, PIT_PLOT, PLOT_FILES
+from fintwin.twin.scores import SCORE_KEYS
 from tests.conftest import make_events
 from tests.twin.conftest import TINY_ENCODERS
 
 CUTOFF, HOLDOUT_END = "2024-05-15", "2024-07-10"
 MODELS = ("twin", "twin_heads", "bgnbd")
+DISTRIBUTIONS = ("twin", "bgnbd")  # the forecasts that are distributions
 
 
 def save_checkpoint(
@@ -78,12 +80,19 @@ def test_report_writes_every_metric_and_plot(workspace: dict[str, Path], tmp_pat
     written = json.loads((out / "metrics.json").read_text())
     assert list(written) == list(MODELS) == list(metrics)
     for model in MODELS:
-        assert tuple(written[model]) == METRIC_KEYS
-        assert all(written[model][key] is not None for key in METRIC_KEYS)
-    for name in PLOT_FILES:
+        keys = METRIC_KEYS + (SCORE_KEYS if model in DISTRIBUTIONS else ())
+        assert tuple(written[model]) == keys
+        assert all(written[model][key] is not None for key in keys)
+        assert written[model] == pytest.approx(metrics[model])
+    for name in (*PLOT_FILES, PIT_PLOT):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
+    pit = pd.read_csv(out / PIT_FILE)
+    assert list(pit.columns) == ["bin_start", "bin_end", "twin_txn", "twin_spend", "bgnbd_txn",
+                                 "bgnbd_spend"]  # fmt: skip
+    np.testing.assert_allclose(pit.drop(columns=["bin_start", "bin_end"]).mean(), 1.0)
     page = (out / "report.html").read_text()
     assert all(f"<th>{model}</th>" in page for model in MODELS)
+    assert "<h2>Predictive distributions</h2>" in page and "<th>txn_rps</th>" in page
 
     forecasts = pd.read_parquet(out / "forecasts.parquet")
     for model in MODELS:
@@ -132,7 +141,9 @@ def test_report_cli_takes_several_checkpoints(
             "--data", str(workspace["source"]), "--cutoff", CUTOFF, "--holdout-end",
             HOLDOUT_END, "--samples", "5", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    assert f"report -> {out / 'report.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report -> {out / 'report.html'}" in printed
+    assert "predictive distributions" in printed and "txn_log_score" in printed
     assert list(json.loads((out / "metrics.json").read_text())) == list(MODELS)
 
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from fintwin.twin.evaluation import METRIC_KEYS, forecast_metrics, week_ends
-from fintwin.twin.report import PLOT_FILES, TRACKING_FILE, write_report
+from fintwin.twin.report import PIT_FILE, PIT_PLOT, PLOT_FILES, TRACKING_FILE, write_report
+from fintwin.twin.scores import SCORE_KEYS
 
 CUTOFF, HOLDOUT_END = "2024-03-31", "2024-06-30"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -82,4 +83,39 @@ def test_report_needs_a_model(tmp_path: Path, inputs: dict) -> None:
     inputs["predictions"] = {}
     with pytest.raises(ValueError, match="at least one model"):
         write_report(tmp_path, **inputs, cutoff=CUTOFF, holdout_end=HOLDOUT_END)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distribution_scores_join_the_metrics_with_a_pit_plot(
+    tmp_path: Path, inputs: dict
+) -> None:
+    scores = {name: dict.fromkeys(SCORE_KEYS, 0.5) for name in ("twin", "bgnbd")}
+    scores["bgnbd"]["txn_rps"] = 0.25
+    pit = {
+        "twin": {"txn": np.full(10, 1.0), "spend": np.linspace(0.55, 1.45, 10)},
+        "bgnbd": {"txn": np.linspace(1.45, 0.55, 10), "spend": np.full(10, 1.0)},
+    }
+    out = tmp_path / "report"
+    write_report(out, **inputs, cutoff=CUTOFF, holdout_end=HOLDOUT_END, scores=scores, pit=pit)
+    written = json.loads((out / "metrics.json").read_text())
+    assert tuple(written["twin"]) == METRIC_KEYS + SCORE_KEYS
+    assert tuple(written["twin_heads"]) == METRIC_KEYS
+    assert written["bgnbd"]["txn_rps"] == 0.25
+    assert (out / PIT_PLOT).read_bytes().startswith(PNG_SIGNATURE)
+    table = pd.read_csv(out / PIT_FILE)
+    assert list(table.columns) == [
+        "bin_start", "bin_end", "twin_txn", "twin_spend", "bgnbd_txn", "bgnbd_spend"
+    ]  # fmt: skip
+    np.testing.assert_allclose(table["bin_end"], np.linspace(0.1, 1.0, 10))
+    np.testing.assert_allclose(table["bgnbd_txn"], pit["bgnbd"]["txn"])
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(PLOT_FILES) + 1
+    distributions = page.split("<h2>Predictive distributions</h2>")[1]
+    assert "<td>0.25</td>" in distributions and "<th>twin_heads</th>" not in distributions
+
+
+def test_distribution_scores_need_their_pit_histograms(tmp_path: Path, inputs: dict) -> None:
+    scores = {"twin": dict.fromkeys(SCORE_KEYS, 0.5)}
+    with pytest.raises(ValueError, match="expected the same models"):
+        write_report(tmp_path, **inputs, cutoff=CUTOFF, holdout_end=HOLDOUT_END, scores=scores)
     assert list(tmp_path.iterdir()) == []

@@ -81,7 +81,7 @@ def test_paths_move_forward_inside_the_window_and_match_the_summary() -> None:
     heads = KnownHeads(gap_median=2.0, gap_sigma=1.0, p_dormant=0.1)
     model = fix_heads(build_twin(), heads)
     sequences = SPEC.sequences(history_events([0.2, 3.0, 15.0]), CUTOFF)
-    config = RolloutConfig(samples=200, seed=5, keep_paths=True)
+    config = RolloutConfig(samples=200, seed=5, keep_paths=True, keep_outcomes=True)
     result = rollout(model, sequences, VOCAB, HORIZON_END, config)
     paths = result.paths
     end = pd.Timestamp(HORIZON_END) + pd.Timedelta(days=1)
@@ -102,6 +102,12 @@ def test_paths_move_forward_inside_the_window_and_match_the_summary() -> None:
     )
     daily = distinct.groupby("day").size() / 200
     np.testing.assert_allclose(result.daily_transactions.reindex(daily.index), daily)
+    # every path's outcomes, in the summary's rows
+    full = pd.MultiIndex.from_product([summary.index, range(200)])
+    per_sample = distinct.groupby(["customer_id", "sample"]).size().reindex(full, fill_value=0)
+    np.testing.assert_array_equal(result.path_transactions, per_sample.to_numpy().reshape(3, 200))
+    spend = paths.groupby(["customer_id", "sample"])["amount"].sum().reindex(full, fill_value=0)
+    np.testing.assert_allclose(result.path_spend, spend.to_numpy().reshape(3, 200), rtol=1e-6)
     assert result.daily_transactions.index[-1] == pd.Timestamp(HORIZON_END)
     assert summary["count_q50"].between(summary["count_q10"], summary["count_q90"]).all()
 
@@ -205,13 +211,18 @@ def test_an_ensemble_pools_its_twins_paths() -> None:
         fix_heads(build_twin("transformer"), KnownHeads(gap_median=12.0, p_dormant=0.3)),
     ]
     sequences = SPEC.sequences(history_events([1.0, 5.0, 30.0]), CUTOFF)
-    config = RolloutConfig(samples=30, seed=5, keep_paths=True, quantiles=(0.5, 0.9))
+    config = RolloutConfig(
+        samples=30, seed=5, keep_paths=True, keep_outcomes=True, quantiles=(0.5, 0.9)
+    )
     pooled = rollout(twins, sequences, VOCAB, HORIZON_END, config)
     alone = [
         rollout(twin, sequences, VOCAB, HORIZON_END, replace(config, seed=5 + i))
         for i, twin in enumerate(twins)
     ]
     assert pooled.samples == 60 and pooled.n_paths == 180
+    for name in ("path_transactions", "path_spend"):
+        side_by_side = np.concatenate([getattr(one, name) for one in alone], axis=1)
+        np.testing.assert_array_equal(getattr(pooled, name), side_by_side)
     for column in ("expected_count", "expected_spend", "expected_transactions", "p_active", "p_alive"):
         mean = (alone[0].summary[column] + alone[1].summary[column]) / 2
         np.testing.assert_allclose(pooled.summary[column], mean, rtol=1e-9, err_msg=column)
