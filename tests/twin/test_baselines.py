@@ -85,18 +85,28 @@ def test_fit_reproduces_published_parameters(sample_model: BGNBDGammaGamma) -> N
     assert sample_model.params["v"] == pytest.approx(15.44, abs=0.02)
 
 
-def test_p_any_matches_a_simulated_bgnbd_population() -> None:
-    r, alpha, a, b = 0.25, 4.8, 0.72, 2.16
-    fitter = BetaGeoFitter()
-    fitter.params_ = pd.Series({"r": r, "alpha": alpha, "a": a, "b": b})
-    rng = np.random.default_rng(7)
-    n, k, big_t, horizon = 200_000, 5, 39.0, 39.0
-    rate, p_drop = rng.gamma(r, 1 / alpha, n), rng.beta(a, b, n)
+def simulated_bgnbd_population(
+    params: dict[str, float], n: int, k: int, big_t: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` BG/NBD customers' first ``k`` repeat purchase times (inf after dropping out) and
+    their frequency and recency in the calibration period ``[0, big_t]``."""
+    rng = np.random.default_rng(seed)
+    rate = rng.gamma(params["r"], 1 / params["alpha"], n)
+    p_drop = rng.beta(params["a"], params["b"], n)
     n_repeats = rng.geometric(p_drop)  # repeat purchases made before dropping out
     times = np.cumsum(rng.exponential(1 / rate[:, None], (n, k)), axis=1)
     times[np.arange(k)[None, :] >= n_repeats[:, None]] = np.inf
     x = (times <= big_t).sum(axis=1)
     t_x = np.where(x > 0, times[np.arange(n), np.maximum(x - 1, 0)], 0.0)
+    return times, x, t_x
+
+
+def test_p_any_matches_a_simulated_bgnbd_population() -> None:
+    params = {"r": 0.25, "alpha": 4.8, "a": 0.72, "b": 2.16}
+    fitter = BetaGeoFitter()
+    fitter.params_ = pd.Series(params)
+    n, k, big_t, horizon = 200_000, 5, 39.0, 39.0
+    times, x, t_x = simulated_bgnbd_population(params, n, k, big_t, seed=7)
     any_in_window = times[np.arange(n), np.minimum(x, k - 1)] <= big_t + horizon
     for frequency in range(3):
         rows = x == frequency
@@ -136,16 +146,9 @@ def test_count_pmf_sums_to_one_and_has_the_conditional_mean() -> None:
 
 
 def test_count_pmf_matches_a_simulated_bgnbd_population() -> None:
-    r, alpha, a, b = PAPER.values()
     fitter = paper_fitter()
-    rng = np.random.default_rng(3)
     n, k, big_t, horizon = 100_000, 40, 39.0, 39.0
-    rate, p_drop = rng.gamma(r, 1 / alpha, n), rng.beta(a, b, n)
-    n_repeats = rng.geometric(p_drop)  # repeat purchases made before dropping out
-    times = np.cumsum(rng.exponential(1 / rate[:, None], (n, k)), axis=1)
-    times[np.arange(k)[None, :] >= n_repeats[:, None]] = np.inf
-    x = (times <= big_t).sum(axis=1)
-    t_x = np.where(x > 0, times[np.arange(n), np.maximum(x - 1, 0)], 0.0)
+    times, x, t_x = simulated_bgnbd_population(PAPER, n, k, big_t, seed=3)
     holdout = (times <= big_t + horizon).sum(axis=1) - x
     for frequency in range(3):
         rows = x == frequency
